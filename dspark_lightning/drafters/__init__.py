@@ -1,0 +1,7 @@
+"""Draft models: pure ``nn.Module``s that import torch only."""
+
+from .config import DrafterConfig
+from .dflash import DFlash
+from .dspark import DSpark
+
+__all__ = ["DrafterConfig", "DFlash", "DSpark"]

@@ -1,0 +1,107 @@
+"""Training blocks of a parallel drafter: anchor sampling, block inputs, positions, labels and the mask.
+
+Layout (DeepSpec, paper §3.1): per anchor ``a`` the block input is ``[x_a, MASK, ..., MASK]``; prediction
+``k`` (0-based, gamma of them) targets ``x_{a+1+k}``. In the ``deepspec`` layout the block has gamma slots and
+the anchor slot predicts; in the ``zlab`` layout it has gamma+1 slots and only the mask slots predict.
+A block query sees context positions ``p < a`` (the anchor has not been through the target yet at
+inference) and every slot of its own block (bidirectional).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def sample_anchors(
+    loss_mask: Tensor, num_anchors: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Draw up to ``num_anchors`` anchors per row where ``loss_mask[a]`` and ``loss_mask[a+1]`` hold.
+
+    Args:
+        loss_mask: [B, L] bool.
+        num_anchors: anchors per row; rows with fewer candidates are padded with invalid anchors at 0.
+        generator: RNG for reproducible draws (data workers pass their own).
+
+    Returns:
+        anchors [B, N] int64 sorted ascending within the valid prefix, valid [B, N] bool.
+    """
+    mask = loss_mask.bool()
+    b, length = mask.shape
+    cand = torch.zeros_like(mask)
+    cand[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    scores = torch.rand((b, length), generator=generator, device=mask.device)
+    scores = scores.masked_fill(~cand, 2.0)  # invalid candidates sort last
+    n = min(num_anchors, length)
+    picked_scores, picked = scores.topk(n, dim=1, largest=False)
+    valid = picked_scores < 2.0
+    # Sort the valid anchors ascending, invalid ones (set to a large key) after them.
+    key = torch.where(valid, picked, torch.full_like(picked, length + 1))
+    order = key.argsort(dim=1)
+    anchors = picked.gather(1, order)
+    valid = valid.gather(1, order)
+    anchors = torch.where(valid, anchors, torch.zeros_like(anchors))
+    if n < num_anchors:
+        pad = num_anchors - n
+        anchors = torch.cat([anchors, anchors.new_zeros(b, pad)], dim=1)
+        valid = torch.cat([valid, valid.new_zeros(b, pad)], dim=1)
+    return anchors, valid
+
+
+@dataclass
+class BlockPlan:
+    """Everything the backbone and the losses need about the training blocks of a batch.
+
+    Shapes: ``N`` anchors, ``S`` = block length (gamma or gamma+1), ``K`` = gamma predictions.
+    """
+
+    block_ids: Tensor  # [B, N, S] block input tokens (anchor then masks)
+    positions: Tensor  # [B, N, S] rotary positions a, a+1, ...
+    labels: Tensor  # [B, N, K] token predicted by each prediction slot
+    prev_ids: Tensor  # [B, N, K] teacher-forced previous token of each prediction (x_a, x_{a+1}, ...)
+    target_index: Tensor  # [B, N, K] sequence position whose target state gives p_t for the prediction
+    supervise: Tensor  # [B, N, K] bool, contiguous prefix of supervised predictions
+    mask: Tensor  # [B, 1, N*S, L + N*S] bool attention mask (True = attend)
+
+
+def plan_blocks(
+    input_ids: Tensor,
+    loss_mask: Tensor,
+    anchors: Tensor,
+    valid: Tensor,
+    *,
+    gamma: int,
+    pred_offset: int,
+    mask_token_id: int,
+) -> BlockPlan:
+    """Lay out the blocks for ``anchors`` [B, N] (see the module docstring)."""
+    b, length = input_ids.shape
+    n = anchors.shape[1]
+    s = gamma + pred_offset
+    slot = torch.arange(s, device=anchors.device)
+    k = torch.arange(gamma, device=anchors.device)
+    anchor_tok = input_ids.gather(1, anchors)  # [B, N]
+    block_ids = torch.full((b, n, s), mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    block_ids[:, :, 0] = anchor_tok
+    positions = anchors[..., None] + slot  # [B, N, S]
+
+    label_pos = anchors[..., None] + 1 + k  # [B, N, K]
+    in_range = label_pos < length
+    safe = label_pos.clamp(max=length - 1)
+    flat = lambda t: t.reshape(b, -1)  # noqa: E731
+    labels = input_ids.gather(1, flat(safe)).view(b, n, gamma)
+    label_in_loss = loss_mask.bool().gather(1, flat(safe)).view(b, n, gamma)
+    supervise = (in_range & label_in_loss & valid[..., None]).long().cumprod(-1).bool()
+    prev_pos = (anchors[..., None] + k).clamp(max=length - 1)
+    prev_ids = input_ids.gather(1, flat(prev_pos)).view(b, n, gamma)
+    target_index = prev_pos  # p_t for x_{a+1+k} is the target's output at position a+k
+
+    # Mask: query of block i sees context p < a_i and its own block.
+    ctx_visible = torch.arange(length, device=anchors.device) < anchors[..., None]  # [B, N, L]
+    ctx_visible = ctx_visible[:, :, None, :].expand(b, n, s, length).reshape(b, n * s, length)
+    blk = torch.arange(n, device=anchors.device).repeat_interleave(s)
+    same_block = (blk[:, None] == blk[None, :]).expand(b, n * s, n * s)
+    mask = torch.cat([ctx_visible, same_block], dim=-1)[:, None]
+    return BlockPlan(block_ids, positions, labels, prev_ids, target_index, supervise, mask)

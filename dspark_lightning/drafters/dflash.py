@@ -1,0 +1,224 @@
+"""DFlash: a parallel block drafter conditioned on injected target hidden states.
+
+Design (DSpark paper §3.1, DeepSpec ``modeling/dspark``, z-lab DFlash):
+- Context: raw outputs of the target layers ``target_layer_ids`` concatenated per token ([L, m*H]),
+  projected once, ``C = hidden_norm(fc(.))`` (paper Eq. 2).
+- Every draft layer attends from the block queries to ``[k_proj(C) ; k_proj(block)]`` with shared
+  projections (paper Eq. 3); context K/V never depend on earlier draft layers, so at inference they are
+  cached once per committed token (:class:`ContextKVCache`).
+- A block is ``[x_a, MASK...]``; the query of block ``a`` sees context ``p < a`` and its own block
+  bidirectionally (``blocks.plan_blocks``). One backbone pass proposes all gamma tokens, sampled
+  independently (no sequential head: that is DSpark's addition).
+- ``embed_tokens`` and ``lm_head`` are frozen copies of the target's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, softcap
+from .blocks import plan_blocks
+from .config import DrafterConfig
+
+
+@dataclass
+class BlockDraftOutput:
+    """Training forward of a block drafter. ``N`` anchors, ``K`` = gamma predictions per block.
+
+    Logits are not materialised here (a [B*N*K, V] fp32 tensor is 2 GB at V=150k): the loss builds them
+    chunk by chunk with :meth:`DFlash.compute_logits`.
+    """
+
+    hidden: Tensor  # [B, N, K, H] final-normed backbone states of the prediction slots
+    labels: Tensor  # [B, N, K] tokens to predict
+    prev_ids: Tensor  # [B, N, K] teacher-forced previous tokens (anchor first)
+    target_index: Tensor  # [B, N, K] positions whose target last hidden gives p_t
+    supervise: Tensor  # [B, N, K] bool
+    markov_features: Tensor | None = None  # [B, N, K, r] low-rank Markov features (DSpark)
+    confidence_logits: Tensor | None = None  # [B, N, K] fp32 (DSpark)
+
+
+@dataclass
+class Proposal:
+    """One drafted block per request."""
+
+    tokens: Tensor  # [B, K] drafted tokens
+    probs: Tensor  # [B, K, V] draft distribution each token was sampled from (one-hot at T=0)
+    confidence: Tensor | None = None  # [B, K] per-step conditional acceptance probabilities
+
+
+class ContextKVCache:
+    """Per-layer context keys/values of a batch of requests with uneven lengths (right-padded)."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, *,
+                 device: torch.device | str, dtype: torch.dtype, capacity: int = 256) -> None:
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def append(self, layer_kv: list[tuple[Tensor, Tensor]], counts: Tensor) -> None:
+        """Write the first ``counts[b]`` of T new entries ([B, kv, T, dh] per layer) after row b's length."""
+        t = layer_kv[0][0].shape[2]
+        need = int((self.lengths + counts).max())
+        if need > self.capacity:
+            grow = max(need, 2 * self.capacity) - self.capacity
+            pad = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], grow, x.shape[3])], dim=2)  # noqa: E731
+            self.keys = [pad(k) for k in self.keys]
+            self.values = [pad(v) for v in self.values]
+        j = torch.arange(t, device=counts.device)
+        dest = (self.lengths[:, None] + j).clamp(max=self.capacity - 1)  # [B, T]
+        keep = j < counts[:, None]
+        for cache_k, cache_v, (k, v) in zip(self.keys, self.values, layer_kv):
+            for b in range(k.shape[0]):
+                idx = dest[b][keep[b]]
+                cache_k[b, :, idx] = k[b, :, keep[b]]
+                cache_v[b, :, idx] = v[b, :, keep[b]]
+        self.lengths = self.lengths + counts
+
+    def view(self, layer: int) -> tuple[Tensor, Tensor]:
+        n = int(self.lengths.max()) if self.lengths.numel() else 0
+        return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
+
+    def key_mask(self) -> Tensor:
+        """[B, max_len] bool, True for filled entries."""
+        n = int(self.lengths.max())
+        return torch.arange(n, device=self.lengths.device) < self.lengths[:, None]
+
+
+def sample(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Sample from ``softmax(logits / T)`` (argmax at T = 0); returns (tokens [...], probs [..., V] fp32)."""
+    if temperature <= 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.nn.functional.one_hot(tokens, logits.shape[-1]).float()
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    return tokens, probs
+
+
+class DFlash(nn.Module):
+    """Parallel block drafter (see module docstring). Parameter names follow DeepSpec/SGLang."""
+
+    def __init__(self, config: DrafterConfig) -> None:
+        super().__init__()
+        config.validate()
+        if config.algorithm == "eagle3":
+            raise ValueError("DFlash needs algorithm 'dflash' or 'dspark', got 'eagle3'; use Eagle3 instead.")
+        self.config = config
+        h, v, m = config.hidden_size, config.vocab_size, config.num_context_layers
+        self.embed_tokens = nn.Embedding(v, h)
+        self.fc = nn.Linear(m * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+        self.lm_head = nn.Linear(h, v, bias=False)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        init_weights(self)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.lm_head.weight.requires_grad_(False)
+
+    # ------------------------------------------------------------------ pieces
+    def embed(self, ids: Tensor) -> Tensor:
+        e = self.embed_tokens(ids)
+        return e * self.config.embed_scale if self.config.embed_scale != 1.0 else e
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """Base logits ``lm_head(h)`` (+ Gemma soft cap); any leading shape."""
+        return softcap(self.lm_head(hidden), self.config.final_logit_softcapping)
+
+    def project_context(self, target_hidden: Tensor) -> Tensor:
+        """target_hidden [B, L, m*H] -> C [B, L, H] (paper Eq. 2)."""
+        expected = self.fc.in_features
+        if target_hidden.shape[-1] != expected:
+            raise ValueError(
+                f"target_hidden has width {target_hidden.shape[-1]} but the drafter expects "
+                f"{expected} = len(target_layer_ids) x hidden_size; check target_layer_ids and the cache."
+            )
+        return self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+
+    def context_kv(self, context: Tensor, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per-layer rotated context K/V [B, kv, L, dh] for C [B, L, H] at ``positions`` [B, L]."""
+        cos, sin = self.rotary_emb(positions, context.dtype)
+        return [layer.self_attn.project_kv(context, cos, sin) for layer in self.layers]
+
+    def backbone(self, block_ids: Tensor, positions: Tensor, ctx_kv: list[tuple[Tensor, Tensor]],
+                 mask: Tensor | None) -> Tensor:
+        """block_ids/positions [B, Q] -> final-normed hidden [B, Q, H]."""
+        h = self.embed(block_ids).to(self.fc.weight.dtype)
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        for layer, kv in zip(self.layers, ctx_kv):
+            h = layer(h, cos, sin, kv, mask)
+        return self.norm(h)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, input_ids: Tensor, target_hidden: Tensor, loss_mask: Tensor, anchors: Tensor,
+                anchor_valid: Tensor) -> BlockDraftOutput:
+        """Teacher-forced training pass over all blocks of a batch.
+
+        Args:
+            input_ids: [B, L] int64 tokens.
+            target_hidden: [B, L, m*H] concatenated raw target layer outputs.
+            loss_mask: [B, L] bool, True on trainable (assistant) tokens.
+            anchors, anchor_valid: [B, N] from :func:`blocks.sample_anchors`.
+        """
+        cfg = self.config
+        b, length = input_ids.shape
+        plan = plan_blocks(input_ids, loss_mask, anchors, anchor_valid, gamma=cfg.block_size,
+                           pred_offset=cfg.pred_offset, mask_token_id=cfg.mask_token_id)
+        context = self.project_context(target_hidden)
+        ctx_pos = torch.arange(length, device=input_ids.device).expand(b, length)
+        n, s = plan.block_ids.shape[1:]
+        hidden = self.backbone(plan.block_ids.view(b, n * s), plan.positions.view(b, n * s),
+                               self.context_kv(context, ctx_pos), plan.mask)
+        hidden = hidden.view(b, n, s, -1)[:, :, cfg.pred_offset:]  # [B, N, K, H]
+        return BlockDraftOutput(hidden, plan.labels, plan.prev_ids, plan.target_index, plan.supervise)
+
+    # ------------------------------------------------------------------ inference
+    def new_cache(self, batch: int, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None, capacity: int = 256) -> ContextKVCache:
+        w = self.fc.weight
+        return ContextKVCache(len(self.layers), batch, self.config.num_key_value_heads, self.config.head_dim,
+                              device=device or w.device, dtype=dtype or w.dtype, capacity=capacity)
+
+    @torch.no_grad()
+    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, counts: Tensor | None = None) -> None:
+        """Commit target features of newly verified tokens: target_hidden [B, T, m*H], ``counts[b]`` of them
+        valid for row b (default all). Positions continue each row's cache length."""
+        b, t, _ = target_hidden.shape
+        if counts is None:
+            counts = torch.full((b,), t, dtype=torch.long, device=target_hidden.device)
+        positions = cache.lengths[:, None] + torch.arange(t, device=target_hidden.device)
+        cache.append(self.context_kv(self.project_context(target_hidden), positions), counts)
+
+    def draft_hidden(self, cache: ContextKVCache, anchor_ids: Tensor) -> Tensor:
+        """Backbone states of the prediction slots for anchors at each row's next position: [B, K, H].
+
+        The anchor is the last committed token (bonus/correction); its position equals the cache length
+        because the target has not processed it yet.
+        """
+        cfg = self.config
+        b = anchor_ids.shape[0]
+        s = cfg.block_len
+        block_ids = torch.full((b, s), cfg.mask_token_id, dtype=torch.long, device=anchor_ids.device)
+        block_ids[:, 0] = anchor_ids
+        positions = cache.lengths[:, None] + torch.arange(s, device=anchor_ids.device)
+        key_mask = cache.key_mask()
+        mask = torch.cat([key_mask, key_mask.new_ones(b, s)], dim=1)[:, None, None, :]
+        ctx_kv = [cache.view(i) for i in range(len(self.layers))]
+        return self.backbone(block_ids, positions, ctx_kv, mask)[:, cfg.pred_offset:]
+
+    @torch.no_grad()
+    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, temperature: float = 1.0,
+                generator: torch.Generator | None = None) -> Proposal:
+        """Draft gamma tokens per row, each sampled independently from ``softmax(U_k / T)``."""
+        logits = self.compute_logits(self.draft_hidden(cache, anchor_ids))
+        tokens, probs = sample(logits, temperature, generator)
+        return Proposal(tokens, probs)
