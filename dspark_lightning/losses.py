@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .drafters.dflash import BlockDraftOutput
+from .drafters.eagle3 import Eagle3Output
 
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -143,3 +144,106 @@ def block_drafter_loss(
     tau = 1.0 + per_block.cumprod(-1).sum(-1)
     expected_tau = tau[blocks].mean() if blocks.any() else tau.new_tensor(math.nan)
     return LossOutput(loss, terms, accept_rate, counts, expected_tau, int(labels.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------- Eagle3
+def _soft_ce_accept(draft_logits: Tensor, target_logits: Tensor,
+                    hot_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Soft CE to the target (restricted to the draft vocabulary and renormalised) and 1 - TV."""
+    logp = F.log_softmax(draft_logits.float(), dim=-1)  # [t, Vd]
+    with torch.no_grad():
+        target_logits = target_logits.float()
+        if hot_ids is None and target_logits.shape[-1] != logp.shape[-1]:
+            raise ValueError(
+                f"Draft logits have {logp.shape[-1]} columns but target logits {target_logits.shape[-1]}: "
+                "with a reduced draft vocabulary pass d2t=drafter.d2t to eagle3_ttt_loss."
+            )
+        p_full = F.softmax(target_logits, dim=-1)  # [t, V]
+        if hot_ids is not None:
+            p_full = p_full[:, hot_ids]  # target mass on the draft vocabulary, [t, Vd]
+            p_t = F.softmax(target_logits[:, hot_ids], dim=-1)  # restricted and renormalised
+        else:
+            p_t = p_full
+    soft_ce = -(p_t * logp).sum(-1)
+    # Acceptance sum_v min(p_d, p_t) = 1 - TV is measured against the *full* target distribution: that is
+    # what speculative sampling accepts at inference (draft mass outside the target's support is rejected).
+    accept = torch.minimum(logp.detach().exp(), p_full).sum(-1)
+    return soft_ce, accept
+
+
+def eagle3_ttt_loss(
+    out: Eagle3Output,
+    compute_logits: LogitsFn,
+    target_last_hidden: Tensor,
+    target_logits: LogitsFn,
+    *,
+    d2t: Tensor | None = None,
+    step_decay: float = 0.8,
+    chunk_size: int = 1024,
+) -> LossOutput:
+    """Eagle3 training-time-test loss (DeepSpec ``compute_eagle3_loss``, reference notes §2.2 / §3.2).
+
+    Per step k, over the supervised positions of that step::
+
+        p_t      = softmax(target_logits(target_last_hidden[b, i+1+k]))   restricted to the draft
+                   vocabulary through d2t and renormalised when it is reduced
+        ploss_k  = mean_supervised( -sum_v p_t log softmax(compute_logits(hidden[k, b, i])) )
+        loss     = soft_ce = sum_k step_decay^k ploss_k
+
+    Normaliser: the supervised-token mean of each step. DeepSpec divides each step's sum by B*T instead
+    (padding and prompt positions included), which ties the loss scale to the batch's padding and answer
+    density and shrinks late steps that have fewer valid positions; the per-step mean keeps every
+    ``ploss_k`` a per-token quantity comparable across batches and steps. A step without supervised
+    positions contributes 0.
+
+    Args:
+        out: :meth:`Eagle3.forward` output (pre-norm hidden states).
+        compute_logits: ``drafter.compute_logits`` (applies the final norm; draft-vocabulary logits).
+        target_last_hidden: [B, T, H] final-normed target states.
+        target_logits: maps target states [t, H] to target logits [t, V] (``drafter.target_logits`` for the
+            full vocabulary; the target's own head when the vocabulary is reduced).
+        d2t: ``drafter.d2t`` when the draft vocabulary is reduced (``target_id = d2t[i] + i``), else None.
+        step_decay: weight ``step_decay^k`` of step k (DeepSpec 0.8).
+        chunk_size: supervised predictions per logits chunk (activation-checkpointed).
+
+    Returns:
+        terms ``soft_ce``, ``loss`` and ``ploss_{k}``; ``accept_rate[k]`` = mean (1 - TV) of step k;
+        ``expected_tau`` = 1 + sum_k prod_{i<=k} accept_i along each start position's chain, averaged
+        over start positions whose step 0 is supervised.
+    """
+    steps = out.supervise.shape[0]
+    sel = out.supervise.nonzero(as_tuple=True)  # (k, b, i)
+    k_idx, b_idx, _ = sel
+    hidden = out.hidden[sel]  # [N, H]
+    target = target_last_hidden[b_idx, out.target_index[sel]]  # [N, H]
+    hot_ids = None if d2t is None else d2t + torch.arange(d2t.shape[0], device=d2t.device)
+
+    pieces_ce, pieces_acc = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        idx = torch.arange(start, min(start + chunk_size, hidden.shape[0]), device=hidden.device)
+
+        def piece(idx: Tensor = idx) -> tuple[Tensor, Tensor]:
+            draft = compute_logits(hidden[idx])
+            return _soft_ce_accept(draft, target_logits(target[idx].to(hidden.dtype)), hot_ids)
+
+        ce, acc = checkpoint(piece, use_reentrant=False) if torch.is_grad_enabled() else piece()
+        pieces_ce.append(ce)
+        pieces_acc.append(acc)
+    soft_ce = torch.cat(pieces_ce) if pieces_ce else hidden.new_zeros(0, dtype=torch.float32)
+    accept = torch.cat(pieces_acc) if pieces_acc else hidden.new_zeros(0, dtype=torch.float32)
+
+    counts = torch.bincount(k_idx, minlength=steps).float()
+    per_step = torch.zeros(steps, device=soft_ce.device).index_add(0, k_idx, soft_ce) / counts.clamp(min=1)
+    weights = step_decay ** torch.arange(steps, device=soft_ce.device, dtype=torch.float32)
+    loss = (weights * per_step).sum() + 0.0 * hidden.sum()  # keeps the graph alive with no supervised token
+    terms = {f"ploss_{k}": per_step[k].detach() for k in range(steps)}
+    terms["soft_ce"] = loss
+    terms["loss"] = loss
+
+    accept_rate = torch.zeros(steps, device=accept.device).index_add_(0, k_idx, accept) / counts.clamp(min=1)
+    chain = torch.zeros(out.supervise.shape, device=accept.device)
+    chain[sel] = accept
+    tau = 1.0 + chain.cumprod(0).sum(0)  # [B, T]
+    starts = out.supervise[0]
+    expected_tau = tau[starts].mean() if starts.any() else tau.new_tensor(math.nan)
+    return LossOutput(loss, terms, accept_rate, counts, expected_tau, int(k_idx.shape[0]))

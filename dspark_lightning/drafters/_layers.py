@@ -15,7 +15,8 @@ from .config import DrafterConfig
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in fp32, as HF Llama/Qwen3 do (``weight * x / rms(x)``)."""
+    """Root-mean-square norm, ``weight * x / rms(x)``; half-precision inputs are normalised in fp32 as HF
+    Llama/Qwen3 do (fp64 stays fp64, so golden tests can compare at 1e-10)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -24,7 +25,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.float()
+        if dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 

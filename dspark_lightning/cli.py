@@ -1,0 +1,72 @@
+"""Command line: ``python -m dspark_lightning <command> ...``.
+
+``fit``/``validate``/``test`` are LightningCLI's own (YAML configs with ``class_path``/``init_args``; strategies,
+devices and nodes come from the ``trainer:`` block). The other commands are typed functions exposed through
+jsonargparse, so ``--help`` documents them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class DSparkLightningCLI(LightningCLI):
+    """LightningCLI with the target linked from the model into the data module (typed once in YAML)."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
+        parser.link_arguments("model.target", "data.init_args.target")
+
+    def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201
+        """Every run ends with a printed summary (and ``summary.json``) unless the config adds its own."""
+        from .modules.summary import RunSummary
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, RunSummary) for c in trainer.callbacks):
+            trainer.callbacks.append(RunSummary())
+        return trainer
+
+
+def lightning_main(args: list[str] | None = None, run: bool = True) -> DSparkLightningCLI:
+    """Run LightningCLI on the generic DrafterModule with any LightningDataModule."""
+    import lightning as L
+
+    from .modules import DrafterModule
+
+    return DSparkLightningCLI(
+        DrafterModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def _commands() -> dict:
+    """Typed functions behind the non-Lightning subcommands (imported lazily: each pulls its own deps)."""
+    commands: dict = {}
+    return commands
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        commands = ", ".join((*LIGHTNING_COMMANDS, *_commands()))
+        print(f"usage: python -m dspark_lightning {{{commands}}} [--help] ...")
+        return
+    if argv[0] in LIGHTNING_COMMANDS:
+        lightning_main(None if from_command_line else argv)
+        return
+    from jsonargparse import auto_cli
+
+    commands = _commands()
+    if argv[0] not in commands:
+        raise SystemExit(f"Unknown command {argv[0]!r}; choose one of {(*LIGHTNING_COMMANDS, *commands)}.")
+    auto_cli(commands, args=argv)
