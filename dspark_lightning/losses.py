@@ -125,7 +125,12 @@ def block_drafter_loss(
     ce, l1 = chunked_ce_l1(draft_fn, target_fn, labels, chunk_size)
     w = position_weights(k_idx, decay)
 
-    terms = {"ce": weighted_mean(ce, w), "l1": weighted_mean(l1, w)}
+    # Keep the graph connected when nothing is supervised (e.g. a sample with no trainable pair): the loss is
+    # then an exact zero with zero gradients, so backward and DDP's gradient all-reduce still run.
+    anchor = out.hidden.sum() * 0.0
+    if out.markov_features is not None:
+        anchor = anchor + out.markov_features.sum() * 0.0
+    terms = {"ce": weighted_mean(ce, w) + anchor, "l1": weighted_mean(l1, w)}
     loss = ce_weight * terms["ce"] + l1_weight * terms["l1"]
     if out.confidence_logits is not None:
         soft_label = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()

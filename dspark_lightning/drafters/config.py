@@ -64,7 +64,7 @@ class DrafterConfig:
         draft_vocab_size: Eagle3 reduced output vocabulary (``None`` = the full target vocabulary).
         qk_norm: Per-head RMSNorm on q and k (Qwen3, Gemma); ``None`` = from the target family.
         embed_scale: Multiplier of token embeddings (Gemma: sqrt(hidden)); ``None`` = from the target family.
-        rope_theta, rope_scaling_factor: Rotary parameters; ``None`` = from the target.
+        rope_theta: Rotary base; ``None`` = from the target (default RoPE only).
         The remaining geometry fields default to the target's values.
     """
 
@@ -137,11 +137,21 @@ class DrafterConfig:
             values["target_model_type"] = model_type
         if values["head_dim"] is None and values["hidden_size"] and values["num_attention_heads"]:
             values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+        rope = get("rope_parameters") or get("rope_scaling") or {}
+        target_theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or get("rope_theta") or 10000.0
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type not in ("default", None):
+            raise ValueError(
+                f"The target uses rope_type={rope_type!r}; the drafters implement the default RoPE only. "
+                f"Use a target with default rotary embeddings or add the scaling to drafters/_layers.py."
+            )
         if values["rope_theta"] is None:
-            rope = get("rope_parameters") or get("rope_scaling") or {}
-            values["rope_theta"] = (rope.get("rope_theta") if isinstance(rope, dict) else None) or get(
-                "rope_theta"
-            ) or 10000.0
+            values["rope_theta"] = target_theta
+        elif values["rope_theta"] != target_theta:
+            raise ValueError(
+                f"Drafter rope_theta={values['rope_theta']} but the target has rope_theta={target_theta}: remove "
+                f"'rope_theta' from the drafter config (it is read from the target)."
+            )
         if values["qk_norm"] is None:
             values["qk_norm"] = (model_type or "") in _QK_NORM_FAMILIES
         if values["embed_scale"] is None:
@@ -170,7 +180,8 @@ class DrafterConfig:
         """Check a resolved config; every message names the value and the fix."""
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"Unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}.")
-        missing = [n for n in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads")
+        missing = [n for n in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                               "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "hidden_act")
                    if getattr(self, n) is None]
         if missing:
             raise ValueError(f"Drafter geometry {missing} is unset: call resolve(target_config) first or set them.")

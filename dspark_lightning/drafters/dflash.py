@@ -130,8 +130,11 @@ class DFlash(nn.Module):
         e = self.embed_tokens(ids)
         return e * self.config.embed_scale if self.config.embed_scale != 1.0 else e
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """Base logits ``lm_head(h)`` (+ Gemma soft cap); any leading shape."""
+    def compute_logits(self, hidden: Tensor, markov_features: Tensor | None = None) -> Tensor:
+        """Base logits ``lm_head(h)`` (+ Gemma soft cap); any leading shape. DFlash has no Markov head, so
+        ``markov_features`` must be None (the argument keeps one signature across block drafters)."""
+        if markov_features is not None:
+            raise ValueError("DFlash has no Markov head; markov_features must be None.")
         return softcap(self.lm_head(hidden), self.config.final_logit_softcapping)
 
     def project_context(self, target_hidden: Tensor) -> Tensor:

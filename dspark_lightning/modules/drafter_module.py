@@ -55,7 +55,9 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=6e-4, weight_decay=0.0)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup_ratio`` of the steps (first step at lr/W), then cosine to zero."""
     warmup = max(1, int(warmup_ratio * total_steps))
 
