@@ -48,10 +48,36 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> DSparkLig
     )
 
 
+# Non-Lightning subcommands: "module:function" (nested dicts are sub-subcommands). Each function is typed and
+# documented, so its signature *is* the command line. Imported only when its command runs.
+COMMANDS: dict = {
+    "regen": "dspark_lightning.data.regen:regen",
+    "cache": {
+        "build": "dspark_lightning.data.cache.build:build_cache",
+        "estimate": "dspark_lightning.data.cache.build:estimate_cache",
+        "verify": "dspark_lightning.data.cache.reader:verify_cache",
+    },
+    "profile-sps": "dspark_lightning.decoding.sps:profile_sps",
+    "calibrate": "dspark_lightning.decoding.calibration:calibrate",
+    "eval": "dspark_lightning.eval.run:eval_export",
+    "export": "dspark_lightning.export:export_checkpoint",
+    "import-deepspec": "dspark_lightning.export.deepspec:import_deepspec",
+    "push": "dspark_lightning.export.push:push",
+}
+
+
+def _load(spec):  # noqa: ANN001, ANN202
+    if isinstance(spec, dict):
+        return {name: _load(sub) for name, sub in spec.items()}
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def _commands() -> dict:
-    """Typed functions behind the non-Lightning subcommands (imported lazily: each pulls its own deps)."""
-    commands: dict = {}
-    return commands
+    """Command names (without importing their modules)."""
+    return COMMANDS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +92,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     from jsonargparse import auto_cli
 
-    commands = _commands()
-    if argv[0] not in commands:
-        raise SystemExit(f"Unknown command {argv[0]!r}; choose one of {(*LIGHTNING_COMMANDS, *commands)}.")
-    auto_cli(commands, args=argv)
+    if argv[0] not in COMMANDS:
+        raise SystemExit(f"Unknown command {argv[0]!r}; choose one of {(*LIGHTNING_COMMANDS, *COMMANDS)}.")
+    auto_cli({argv[0]: _load(COMMANDS[argv[0]])}, args=argv)
