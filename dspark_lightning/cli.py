@@ -7,8 +7,10 @@ jsonargparse, so ``--help`` documents them.
 
 from __future__ import annotations
 
+import os
 import sys
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -27,6 +29,11 @@ class DSparkLightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, RunSummary) for c in trainer.callbacks):
             trainer.callbacks.append(RunSummary())
+        # Checkpoints go to <default_root_dir>/checkpoints rather than a per-run logger version folder, so
+        # `fit --ckpt_path last` finds the previous run's last.ckpt.
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         return trainer
 
 

@@ -44,10 +44,12 @@ class RunSummary(L.Callback):
             "log_dir": trainer.log_dir,
         }
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        info = self.summary(trainer)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        info = self.summary(trainer)  # trainer.log_dir is a collective under DDP: every rank calls it
+        self._report(info, Path(info["log_dir"] or trainer.default_root_dir))
+
+    @rank_zero_only
+    def _report(self, info: dict[str, Any], log_dir: Path) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         tmp = log_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(info, indent=2))

@@ -1,0 +1,112 @@
+"""Verify-length policies: how many of each request's drafted tokens go to the target this round.
+
+A policy maps per-step confidences ``c [R, K]`` (``c_k`` = predicted probability that draft k is accepted
+given drafts ``< k`` were; DSpark paper Eq. 7) to a verify length ``0 <= n_r <= K`` per request:
+
+* :class:`FixedLength`: verify every drafted token (or the first ``length``).
+* :class:`ConfidenceThreshold`: stop before the first position whose per-step ``c_k < threshold`` (DeepSpec's
+  ``--confidence-threshold``; per step, not the cumulative product).
+* :class:`PrefixScheduler`: the hardware-aware prefix scheduler (paper Algorithm 1). Survival probabilities
+  ``S_rk = prod_{i<=k} c_ri`` of every request's every draft are ranked in one batch-global list; drafts are
+  admitted greedily in that order while the expected accepted tokens times the steps per second of the
+  verify batch, ``(R + sum of admitted S) * SPS(R + admitted)``, does not decrease, and the scan stops at the
+  first draft that would lower it (the causal early stop). Each request always verifies its anchor, so the
+  budget starts at ``B = R``.
+
+Why the early stop and not the best budget over the whole list (paper Appendix A): a draft must be admitted
+(or not) without looking at itself, else the verified tokens are no longer distributed as the target's.
+``c_{k+1}`` is computed from draft ``k`` (the confidence head reads the previous token), so a rule that
+peeks at later survival probabilities, as an arg-max over all budgets does, lets the value of draft ``k``
+decide whether draft ``k`` is verified. With the early stop, the decision about the draft ranked j uses
+only the drafts ranked before it, i.e. the same request's earlier drafts and other requests' drafts, never
+the token itself (survival is non-increasing along a request, and ties are broken position-first). All
+three policies have this property; ``tests/decoding`` checks it and the resulting losslessness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .sps import SpsTable
+
+POLICIES = ("fixed", "threshold", "scheduler")
+
+
+@dataclass
+class FixedLength:
+    """Verify all drafted tokens, or the first ``length`` of them."""
+
+    length: int | None = None
+
+    def __call__(self, confidence: Tensor | None, num_drafted: int, batch: int) -> Tensor:
+        n = num_drafted if self.length is None else min(self.length, num_drafted)
+        device = confidence.device if confidence is not None else None
+        return torch.full((batch,), n, dtype=torch.long, device=device)
+
+
+@dataclass
+class ConfidenceThreshold:
+    """Verify drafts up to (excluding) the first position whose per-step confidence is below ``threshold``."""
+
+    threshold: float
+
+    def __call__(self, confidence: Tensor | None, num_drafted: int, batch: int) -> Tensor:
+        if confidence is None:
+            raise ValueError("The threshold policy needs confidences; this drafter gives none.")
+        keep = (confidence[:, :num_drafted] >= self.threshold).long()
+        return keep.cumprod(1).sum(1)
+
+
+@dataclass
+class PrefixScheduler:
+    """Paper Algorithm 1 over a batch-global ranking of survival probabilities (see module docstring).
+
+    Args:
+        sps: steps per second as a function of the tokens verified in one step.
+    """
+
+    sps: SpsTable
+
+    def __call__(self, confidence: Tensor | None, num_drafted: int, batch: int) -> Tensor:
+        if confidence is None:
+            raise ValueError("The prefix scheduler needs confidences; this drafter gives none.")
+        return schedule_prefix(confidence[:, :num_drafted], self.sps)
+
+
+def schedule_prefix(confidence: Tensor, sps: SpsTable) -> Tensor:
+    """Verify lengths [R] from per-step confidences [R, K] (Algorithm 1 with the causal early stop).
+
+    Vectorised: one sort of the R*K survival probabilities, a cumulative sum, one table lookup.
+    """
+    r, k = confidence.shape
+    device = confidence.device
+    if k == 0 or r == 0:
+        return torch.zeros(r, dtype=torch.long, device=device)
+    survival = confidence.to(torch.float64).clamp(0, 1).cumprod(1)  # [R, K], non-increasing along K
+    flat = survival.t().reshape(-1)  # position-major, so a stable sort ranks (r, k) before (r, k+1) on ties
+    order = torch.sort(flat, descending=True, stable=True).indices
+    gains = flat[order]
+    admitted = torch.arange(r * k + 1, device=device, dtype=torch.float64)
+    expected = r + torch.cat([gains.new_zeros(1), gains.cumsum(0)])  # [R*K + 1]
+    value = expected * sps(r + admitted)
+    # Causal early stop: admit the ranked drafts up to the first one that lowers the objective.
+    keep = (value[1:] >= value[:-1]).long().cumprod(0).sum()
+    return torch.bincount(order[:keep] % r, minlength=r)
+
+
+def build_policy(name: str = "fixed", *, length: int | None = None, threshold: float = 0.5,
+                 sps_table: SpsTable | None = None) -> FixedLength | ConfidenceThreshold | PrefixScheduler:
+    """A policy by name: ``fixed``, ``threshold`` or ``scheduler`` (needs ``sps_table``)."""
+    if name == "fixed":
+        return FixedLength(length)
+    if name == "threshold":
+        return ConfidenceThreshold(threshold)
+    if name == "scheduler":
+        if sps_table is None:
+            raise ValueError("policy 'scheduler' needs an SPS table: run `python -m dspark_lightning profile-sps "
+                             "--output sps.json ...` and pass its path as sps_table.")
+        return PrefixScheduler(sps_table)
+    raise ValueError(f"Unknown verify policy {name!r}; choose one of {POLICIES}.")

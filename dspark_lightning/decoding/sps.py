@@ -1,0 +1,182 @@
+"""SPS(B): target forward steps per second as a function of the tokens verified in one step.
+
+The hardware-aware prefix scheduler (``policies.PrefixScheduler``, DSpark paper Algorithm 1) trades expected
+accepted tokens against the cost of verifying them; that cost comes from this table, measured on the device
+that serves. ``profile-sps`` measures it for the engine's own verify forward (``engine.SpeculativeEngine``):
+``requests`` rows, each with a KV cache of ``context_length`` tokens, verifying ``ceil(B / requests)`` tokens.
+
+JSON written and read: ``{"num_tokens": [B...], "steps_per_second": [SPS...], "requests": R,
+"context_length": L, "device": "...", "dtype": "...", "target": {...}}`` (a plain ``{"B": SPS}`` mapping is
+read too).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..targets import FrozenTarget, TargetConfig
+
+
+@dataclass
+class SpsTable:
+    """Measured steps/s at some token counts; other counts interpolate linearly in *step time*.
+
+    Step time is made non-decreasing in the token count (a running max): verifying more tokens never makes a
+    step faster, and a noisy bump in a profile would otherwise stop the scheduler's greedy scan early. Below
+    the first entry the first step time is used; beyond the last, step time grows along the last segment.
+
+    Args:
+        num_tokens: strictly increasing token counts.
+        steps_per_second: measured steps/s at each count (> 0).
+    """
+
+    num_tokens: list[int]
+    steps_per_second: list[float]
+
+    def __post_init__(self) -> None:
+        if not self.num_tokens or len(self.num_tokens) != len(self.steps_per_second):
+            raise ValueError(
+                f"An SPS table needs as many num_tokens as steps_per_second (>= 1); got {len(self.num_tokens)} "
+                f"and {len(self.steps_per_second)}."
+            )
+        if any(b <= a for a, b in zip(self.num_tokens, self.num_tokens[1:])) or self.num_tokens[0] < 1:
+            raise ValueError(f"num_tokens={self.num_tokens} must be positive and strictly increasing.")
+        if any(not s > 0 for s in self.steps_per_second):
+            raise ValueError(f"steps_per_second={self.steps_per_second} must all be > 0.")
+        times = torch.tensor([1.0 / s for s in self.steps_per_second], dtype=torch.float64).cummax(0).values
+        self._tokens = torch.tensor(self.num_tokens, dtype=torch.float64)
+        self._times = times
+
+    @classmethod
+    def flat(cls, steps_per_second: float = 1.0) -> SpsTable:
+        """A table where a step costs the same whatever it verifies (the scheduler then verifies everything)."""
+        return cls([1], [steps_per_second])
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpsTable:
+        """Read a ``profile-sps`` JSON file (or a ``{"B": SPS}`` mapping)."""
+        data = json.loads(Path(path).read_text())
+        if "num_tokens" in data:
+            return cls([int(b) for b in data["num_tokens"]], [float(s) for s in data["steps_per_second"]])
+        items = sorted((int(b), float(s)) for b, s in data.items())
+        return cls([b for b, _ in items], [s for _, s in items])
+
+    def step_time(self, tokens: Tensor) -> Tensor:
+        """Seconds per step for ``tokens`` (any shape) verified in one step; float64."""
+        x = tokens.to(torch.float64)
+        xs, ts = self._tokens.to(x.device), self._times.to(x.device)
+        if xs.numel() == 1:
+            return ts[0].expand_as(x).clone()
+        i = torch.searchsorted(xs, x.contiguous()).clamp(1, xs.numel() - 1)
+        x0, x1, t0, t1 = xs[i - 1], xs[i], ts[i - 1], ts[i]
+        t = t0 + (x - x0) * (t1 - t0) / (x1 - x0)
+        return torch.where(x <= xs[0], ts[0], t)
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """Steps per second for ``tokens`` verified in one step; float64."""
+        return 1.0 / self.step_time(tokens)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_sps(
+    target: TargetConfig,
+    output: str,
+    num_tokens: list[int] | None = None,
+    requests: int = 32,
+    context_length: int = 512,
+    warmup: int = 2,
+    iters: int = 10,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Profile SPS(B), the target's verify steps per second, on this device and write it as JSON.
+
+    Each measurement is one forward of the frozen target exactly as the speculative engine runs it: ``R =
+    min(requests, B)`` rows with ``context_length`` tokens already in the KV cache, ``ceil(B / R)`` new tokens
+    per row, a custom attention mask, logits for every new token.
+
+    Args:
+        target: the target to profile (``--target.path``, ``--target.gguf_file``, ``--target.dtype``...).
+        output: JSON file to write (read by ``PrefixScheduler`` / ``--sps_table``).
+        num_tokens: verify-token counts B to measure; default ``requests * [1, 2, ..., 8]`` (gamma = 7 plus the
+            anchor for every request).
+        requests: concurrent requests the table is for.
+        context_length: tokens already cached per request.
+        warmup: untimed forwards per count.
+        iters: timed forwards per count (the median is kept).
+        device: ``cuda``, ``cpu``...; default CUDA when available.
+
+    Returns:
+        The written table as a dict.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    counts = sorted(set(num_tokens or [requests * q for q in range(1, 9)]))
+    if not counts or counts[0] < 1:
+        raise ValueError(f"num_tokens={num_tokens} must be positive integers.")
+    model = FrozenTarget.from_config(target, [0], device=dev)
+    vocab = model.vocab_size
+    g = torch.Generator().manual_seed(0)
+    sps: list[float] = []
+    for count in counts:
+        rows = min(requests, count)
+        per_row = math.ceil(count / rows)
+        context = torch.randint(0, vocab, (rows, context_length), generator=g).to(dev)
+        out = model(context, use_cache=True)
+        cache = out.past_key_values
+        new = torch.randint(0, vocab, (rows, per_row), generator=g).to(dev)
+        kv = context_length + per_row
+        mask = torch.ones(rows, 1, per_row, kv, dtype=torch.bool, device=dev)
+        mask[..., context_length:] = torch.ones(per_row, per_row, dtype=torch.bool, device=dev).tril()
+        positions = (context_length + torch.arange(per_row, device=dev)).expand(rows, per_row)
+        times = []
+        for it in range(warmup + iters):
+            _synchronize(dev)
+            start = time.perf_counter()
+            model(new, mask, past_key_values=cache, position_ids=positions, use_cache=True, compute_logits=True)
+            _synchronize(dev)
+            if it >= warmup:
+                times.append(time.perf_counter() - start)
+            cache.crop(-per_row)
+        times.sort()
+        sps.append(1.0 / times[len(times) // 2])
+        print(f"B={count:5d} ({rows} x {per_row}): {sps[-1]:9.2f} steps/s", flush=True)
+    table = {
+        "num_tokens": counts,
+        "steps_per_second": sps,
+        "requests": requests,
+        "context_length": context_length,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
+        "dtype": target.dtype,
+        "target": target.identity(),
+    }
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=2))
+    print(f"SPS table written to {path}")
+    return table
+
+
+def as_sps_table(value: SpsTable | str | Path | dict | Sequence | None) -> SpsTable | None:
+    """Accept a table, a JSON path, or an in-memory mapping."""
+    if value is None or isinstance(value, SpsTable):
+        return value
+    if isinstance(value, (str, Path)):
+        return SpsTable.load(value)
+    if isinstance(value, dict):
+        if "num_tokens" in value:
+            return SpsTable(list(value["num_tokens"]), list(value["steps_per_second"]))
+        items = sorted((int(b), float(s)) for b, s in value.items())
+        return SpsTable([b for b, _ in items], [s for _, s in items])
+    raise TypeError(f"Cannot read an SPS table from {type(value).__name__}; give a JSON path or a dict.")
