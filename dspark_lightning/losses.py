@@ -19,14 +19,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .drafters.dflash import BlockDraftOutput
+from .drafters.dflash import BlockDraftOutput, DFlash
+from .drafters.dspark import DSpark
 from .drafters.eagle3 import Eagle3Output
+
+if TYPE_CHECKING:
+    from .kernels.fused_block_loss import FusedBlockLossOutput
 
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -103,6 +108,7 @@ def block_drafter_loss(
     confidence_weight: float = 1.0,
     decay: float = 4.0,
     chunk_size: int = 1024,
+    fused: bool = False,
 ) -> LossOutput:
     """DSpark / DFlash loss for one batch.
 
@@ -112,6 +118,11 @@ def block_drafter_loss(
         target_last_hidden: [B, L, H] final-norm target states; ``p_t = softmax(lm_head(.))``.
         ce_weight, l1_weight, confidence_weight: term weights (DSpark 0.1 / 0.9 / 1.0; DFlash 1 / 0 / 0).
         decay: position-weight decay constant.
+        fused: compute CE + L1 with :func:`~dspark_lightning.kernels.fused_block_loss` (logits, loss and their
+            gradient in one chunked pass, Triton on CUDA; no recomputation in backward). ``compute_logits`` must then
+            be the bound ``compute_logits`` of a DFlash / DSpark / DSparkV4 drafter with a frozen ``lm_head`` and
+            ``target_last_hidden`` must not require grad. Same values and gradients as the default path up to
+            rounding; ``terms['ce']`` / ``terms['l1']`` are then metrics without a graph (``loss`` carries it).
     """
     sel = out.supervise.nonzero(as_tuple=True)  # (b, n, k) of supervised predictions
     b_idx, _, k_idx = sel
@@ -120,18 +131,27 @@ def block_drafter_loss(
     target = target_last_hidden[b_idx, out.target_index[sel]]  # [T, H]
     labels = out.labels[sel]
 
-    draft_fn = lambda i: compute_logits(hidden[i], None if markov is None else markov[i])  # noqa: E731
-    target_fn = lambda i: compute_logits(target[i].to(hidden.dtype))  # noqa: E731
-    ce, l1 = chunked_ce_l1(draft_fn, target_fn, labels, chunk_size)
-    w = position_weights(k_idx, decay)
+    if fused:
+        w = position_weights(k_idx, decay)
+        draft = _fused_ce_l1(compute_logits, hidden, markov, target, labels, w, ce_weight, l1_weight, chunk_size)
+        ce, l1 = draft.ce, draft.l1
+    else:
+        draft_fn = lambda i: compute_logits(hidden[i], None if markov is None else markov[i])  # noqa: E731
+        target_fn = lambda i: compute_logits(target[i].to(hidden.dtype))  # noqa: E731
+        ce, l1 = chunked_ce_l1(draft_fn, target_fn, labels, chunk_size)
+        w = position_weights(k_idx, decay)
 
     # Keep the graph connected when nothing is supervised (e.g. a sample with no trainable pair): the loss is
     # then an exact zero with zero gradients, so backward and DDP's gradient all-reduce still run.
     anchor = out.hidden.sum() * 0.0
     if out.markov_features is not None:
         anchor = anchor + out.markov_features.sum() * 0.0
-    terms = {"ce": weighted_mean(ce, w) + anchor, "l1": weighted_mean(l1, w)}
-    loss = ce_weight * terms["ce"] + l1_weight * terms["l1"]
+    if fused:
+        terms = {"ce": draft.ce_loss, "l1": draft.l1_loss}
+        loss = draft.loss + anchor
+    else:
+        terms = {"ce": weighted_mean(ce, w) + anchor, "l1": weighted_mean(l1, w)}
+        loss = ce_weight * terms["ce"] + l1_weight * terms["l1"]
     if out.confidence_logits is not None:
         soft_label = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()
         bce = F.binary_cross_entropy_with_logits(out.confidence_logits[sel], soft_label, reduction="none")
@@ -149,6 +169,35 @@ def block_drafter_loss(
     tau = 1.0 + per_block.cumprod(-1).sum(-1)
     expected_tau = tau[blocks].mean() if blocks.any() else tau.new_tensor(math.nan)
     return LossOutput(loss, terms, accept_rate, counts, expected_tau, int(labels.shape[0]))
+
+
+def _fused_head(compute_logits: Callable[..., Tensor]) -> tuple[Tensor, Tensor | None, float | None]:
+    """(lm_head weight, markov_w2 weight or None, soft cap) behind a block drafter's bound ``compute_logits``."""
+    owner = getattr(compute_logits, "__self__", None)
+    names = ("DFlash", "DSpark", "DSparkV4")  # compute_logits = cap(lm_head(h)) (+ markov_w2(u)), nothing else
+    bound = getattr(compute_logits, "__name__", "") == "compute_logits"
+    if owner is None or type(owner).__name__ not in names or not bound:
+        raise ValueError(f"fused=True needs the bound compute_logits of a {'/'.join(names)} drafter "
+                         f"(drafter.compute_logits), got {compute_logits!r}.")
+    if owner.lm_head.bias is not None:
+        raise ValueError("fused=True needs an lm_head without bias.")
+    markov_head = getattr(owner, "markov_head", None)
+    w2 = markov_head.markov_w2.weight if markov_head is not None else None
+    cap = getattr(owner.config, "final_logit_softcapping", None) if isinstance(owner, (DFlash, DSpark)) else None
+    return owner.lm_head.weight, w2, cap
+
+
+def _fused_ce_l1(compute_logits: Callable[..., Tensor], hidden: Tensor, markov: Tensor | None, target: Tensor,
+                 labels: Tensor, w: Tensor, ce_weight: float, l1_weight: float,
+                 chunk_size: int) -> FusedBlockLossOutput:
+    from .kernels.fused_block_loss import fused_block_loss  # imported on use: it pulls in torch._dynamo
+
+    weight, w2, cap = _fused_head(compute_logits)
+    if markov is not None and w2 is None:
+        raise ValueError("markov features were given but the drafter has no Markov head.")
+    return fused_block_loss(hidden, target, weight, labels, w / (w.sum() + 1e-6),
+                            markov=markov, markov_weight=w2 if markov is not None else None,
+                            ce_weight=ce_weight, l1_weight=l1_weight, softcap=cap, chunk_size=chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------- Eagle3

@@ -9,6 +9,8 @@ contract):
   (``-1`` = the embedding output). They are captured with forward hooks, as DeepSpec's cache builder does
   (reference notes §4.3). HF's ``output_hidden_states`` is not the same thing for the last layer: its final
   entry is the post-norm state, not that layer's output.
+  DeepSeek-V4 layers output ``hc_mult`` parallel mHC residual streams ``[B, L, hc_mult, H]``; the captured state is
+  their mean (:func:`mhc_stream_mean`, see there why).
 * ``last_hidden [B, L, H]``: the final-norm output (the base model's ``last_hidden_state``); the target's
   logits are the frozen ``lm_head`` of it.
 
@@ -24,14 +26,19 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -42,6 +49,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Keys of an HF config dict that describe the software that wrote it, not the model.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype")
+# Model types without an SDPA attention in transformers: DeepSeek-V4 has learned attention sinks and compressor KV
+# concatenated inside its attention, so transformers ships it eager-only.
+EAGER_ONLY_MODEL_TYPES = ("deepseek_v4",)
+# A Hub repository id, "org/name" (no scheme, no further slashes).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Package folder of the HF config.json files of the paper's targets, named "<org>--<name>.json".
+BUILTIN_TARGET_CONFIGS = "resources/target_configs"
 
 
 @dataclass
@@ -172,11 +186,72 @@ def _cached_config(path: str, gguf_file: str | None, revision: str | None) -> Pr
 
 
 def load_target_config(cfg: TargetConfig) -> PretrainedConfig:
-    """The target's HF config; reads the config only, never the weights."""
+    """The target's HF config; reads the config only, never the weights.
+
+    A Hub id (``org/name``, not a local directory) whose config cannot be had (offline and not in the local
+    Hub cache) falls back to the builtin copy of that model's ``config.json`` (:func:`builtin_target_config`),
+    if the package ships one, so the paper's configs parse and build on any machine; a log line says so.
+    """
     if cfg.tiny is not None:
         kwargs = dict(cfg.tiny)
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    return copy.deepcopy(_cached_config(*_resolve_source(cfg), cfg.revision))
+    source = _resolve_source(cfg)
+    try:
+        return copy.deepcopy(_cached_config(*source, cfg.revision))
+    except OSError as error:
+        path, gguf_file = source
+        if gguf_file is not None or not is_hub_id(path) or _builtin_config_file(path) is None:
+            raise
+        _log_builtin_fallback(path, cfg.revision, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return builtin_target_config(path)
+
+
+def is_hub_id(path: str) -> bool:
+    """True for ``org/name`` that is not an existing local path (a local directory always wins)."""
+    return bool(_HUB_ID.match(path)) and not Path(path).exists()
+
+
+def builtin_target_configs() -> list[str]:
+    """Hub ids of the targets whose ``config.json`` ships with the package."""
+    folder = resources.files("dspark_lightning").joinpath(BUILTIN_TARGET_CONFIGS)
+    return sorted(f.name.removesuffix(".json").replace("--", "/", 1) for f in folder.iterdir()
+                  if f.name.endswith(".json"))
+
+
+def _builtin_config_file(repo_id: str) -> Any:
+    """The packaged ``<org>--<name>.json`` of ``repo_id`` (Hub ids are case-insensitive), or None."""
+    wanted = repo_id.replace("/", "--", 1).lower() + ".json"
+    folder = resources.files("dspark_lightning").joinpath(BUILTIN_TARGET_CONFIGS)
+    return next((f for f in folder.iterdir() if f.name.lower() == wanted), None)
+
+
+def builtin_target_config(repo_id: str) -> PretrainedConfig:
+    """The HF config of ``repo_id`` from the copy of its Hub ``config.json`` shipped in the package.
+
+    The copies hold the geometry a drafter is built from (``resources/target_configs/README.md`` says where each
+    came from). They let the paper's configs parse and build (on the meta device, or offline from a cache)
+    without the Hub; a run that loads the target's weights reads the real config next to them.
+
+    Raises:
+        ValueError: no builtin copy exists for ``repo_id``.
+    """
+    found = _builtin_config_file(repo_id)
+    if found is None:
+        raise ValueError(
+            f"No builtin config for {repo_id!r}; the package ships {builtin_target_configs()}. Give a local model "
+            f"directory, or make the Hub reachable (unset HF_HUB_OFFLINE) so its config.json can be downloaded."
+        )
+    data = json.loads(found.read_text(encoding="utf-8"))
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+@functools.cache
+def _log_builtin_fallback(repo_id: str, revision: str | None, reason: str) -> None:
+    # Cached: the config is asked for by several components, one line per target is enough.
+    at = f" (revision {revision!r} ignored)" if revision else ""
+    log.warning("Target %s is not available locally (%s); using the builtin copy of its config.json from "
+                "dspark_lightning/%s%s. Weights still have to come from the Hub or a local directory.",
+                repo_id, reason, BUILTIN_TARGET_CONFIGS, at)
 
 
 def load_tokenizer(cfg: TargetConfig) -> Any:
@@ -206,6 +281,24 @@ class TargetOutput:
     last_hidden: Tensor
     logits: Tensor | None = None
     past_key_values: Any = None
+
+
+def attention_implementation(hf_config: PretrainedConfig) -> str:
+    """``"sdpa"``, or ``"eager"`` for the model types transformers implements eagerly only (DeepSeek-V4)."""
+    model_type = getattr(hf_config.get_text_config(), "model_type", None) or getattr(hf_config, "model_type", None)
+    return "eager" if model_type in EAGER_ONLY_MODEL_TYPES else "sdpa"
+
+
+def mhc_stream_mean(layer_output: Tensor) -> Tensor:
+    """``[B, L, hc_mult, H] -> [B, L, H]``: the drafter's view of a DeepSeek-V4 layer output (mHC streams).
+
+    With mHC the residual stream is ``hc_mult`` parallel streams, and only the final ``hc_head`` collapses them with
+    learned weights; an intermediate layer has no single hidden state. We capture the plain mean over the streams of
+    the layer's output, because that is what SGLang's DeepSeek-V4 target hands to a DSpark draft
+    (``models/deepseek_v4.py``: ``mhc_stream_mean`` of each layer in ``dspark_layers_to_capture`` after it ran, sglang
+    0.5.23): training on the same tensor the server feeds at decode time keeps the drafter's input identical.
+    """
+    return layer_output.mean(dim=2)
 
 
 def _decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -271,19 +364,22 @@ class FrozenTarget(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 model = AutoModelForCausalLM.from_config(hf_config, dtype=cfg.torch_dtype,
-                                                         attn_implementation="sdpa")
+                                                         attn_implementation=attention_implementation(hf_config))
         else:
             path, gguf_file = _resolve_source(cfg)
             model = AutoModelForCausalLM.from_pretrained(
                 path, config=hf_config, gguf_file=gguf_file, revision=cfg.revision, dtype=cfg.torch_dtype,
-                attn_implementation="sdpa",
+                attn_implementation=attention_implementation(hf_config),
             )
         if device is not None:
             model.to(device)
         return cls(model, layer_ids, target_config=cfg)
 
     def _capture(self, layer_id: int, module: nn.Module, args: Any, output: Any) -> None:
-        self._captured[layer_id] = output[0] if isinstance(output, tuple) else output
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.dim() == 4:  # DeepSeek-V4 mHC streams [B, L, hc_mult, H]
+            hidden = mhc_stream_mean(hidden)
+        self._captured[layer_id] = hidden
 
     def train(self, mode: bool = True) -> FrozenTarget:
         """Ignore ``mode``: a frozen target never leaves eval mode (dropout etc. stay off)."""

@@ -89,9 +89,8 @@ def schedule_prefix(confidence: Tensor, sps: SpsTable) -> Tensor:
     flat = survival.t().reshape(-1)  # position-major, so a stable sort ranks (r, k) before (r, k+1) on ties
     order = torch.sort(flat, descending=True, stable=True).indices
     gains = flat[order]
-    admitted = torch.arange(r * k + 1, device=device, dtype=torch.float64)
-    expected = r + torch.cat([gains.new_zeros(1), gains.cumsum(0)])  # [R*K + 1]
-    value = expected * sps(r + admitted)
+    expected = r + torch.cat([gains.new_zeros(1), gains.cumsum(0)])  # [R*K + 1] after admitting 0..R*K drafts
+    value = expected * sps.arange(r, r + r * k + 1, device)
     # Causal early stop: admit the ranked drafts up to the first one that lowers the objective.
     keep = (value[1:] >= value[:-1]).long().cumprod(0).sum()
     return torch.bincount(order[:keep] % r, minlength=r)

@@ -55,6 +55,7 @@ class SpsTable:
         times = torch.tensor([1.0 / s for s in self.steps_per_second], dtype=torch.float64).cummax(0).values
         self._tokens = torch.tensor(self.num_tokens, dtype=torch.float64)
         self._times = times
+        self._ranges: dict[tuple[int, int, str], Tensor] = {}
 
     @classmethod
     def flat(cls, steps_per_second: float = 1.0) -> SpsTable:
@@ -84,6 +85,15 @@ class SpsTable:
     def __call__(self, tokens: Tensor) -> Tensor:
         """Steps per second for ``tokens`` verified in one step; float64."""
         return 1.0 / self.step_time(tokens)
+
+    def arange(self, start: int, stop: int, device: torch.device | str = "cpu") -> Tensor:
+        """Steps per second for every token count in ``[start, stop)`` (cached: the scheduler asks each step)."""
+        key = (start, stop, str(device))
+        if key not in self._ranges:
+            if len(self._ranges) > 64:
+                self._ranges.clear()
+            self._ranges[key] = self(torch.arange(start, stop, dtype=torch.float64, device=device))
+        return self._ranges[key]
 
 
 def _synchronize(device: torch.device) -> None:

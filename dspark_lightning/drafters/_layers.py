@@ -3,6 +3,11 @@ attention takes *extra* keys/values (the KV injection of DFlash/DSpark, paper Eq
 
 Parameter names are HF/Qwen3's (``self_attn.{q,k,v,o}_proj``, ``q_norm``, ``k_norm``, ``mlp.{gate,up,down}_proj``,
 ``input_layernorm``, ``post_attention_layernorm``) so checkpoints load in DeepSpec and SGLang without renaming.
+
+The target family is configuration (DrafterConfig): a Gemma4 target turns on the pieces of DeepSpec's Gemma4
+drafter (reference notes §1.8) in the same modules: sandwich norms (``pre_feedforward_layernorm``,
+``post_feedforward_layernorm``), a ``layer_scalar`` buffer, K = V attention without ``v_proj``, a scale-free
+``v_norm``, softmax scale 1.0, the full-attention head geometry and proportional (partial) RoPE.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from .config import DrafterConfig
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, ``weight * x / rms(x)``; half-precision inputs are normalised in fp32 as HF
-    Llama/Qwen3 do (fp64 stays fp64, so golden tests can compare at 1e-10)."""
+    Llama/Qwen3 do (fp64 stays fp64, so golden tests can compare at 1e-10). ``with_scale=False`` has no weight
+    (Gemma4's ``v_norm``), hence no state-dict entry."""
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
@@ -28,16 +34,35 @@ class RMSNorm(nn.Module):
         if dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return x.to(dtype) if self.weight is None else self.weight * x.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
-    """Default (unscaled) RoPE: ``cos``/``sin`` tables for arbitrary integer positions."""
+    """RoPE ``cos``/``sin`` tables for arbitrary integer positions.
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    ``default``: every frequency pair of the head rotates. ``proportional`` (Gemma4 full attention): only the
+    first ``int(partial_rotary_factor * head_dim / 2)`` pairs rotate, with the frequencies of the *full* head
+    dim; the other pairs get frequency 0 (cos 1, sin 0), i.e. pass through unrotated.
+    """
+
+    def __init__(self, head_dim: int, theta: float, rope_type: str = "default",
+                 partial_rotary_factor: float = 1.0) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if rope_type == "default":
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        elif rope_type == "proportional":
+            rotated = int(partial_rotary_factor * head_dim // 2)
+            inv_freq = 1.0 / (theta ** (torch.arange(0, 2 * rotated, 2, dtype=torch.float32) / head_dim))
+            inv_freq = torch.cat([inv_freq, torch.zeros(head_dim // 2 - rotated)])
+        else:
+            raise ValueError(f"rope_type={rope_type!r} is not implemented; choose 'default' or 'proportional'.")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @classmethod
+    def from_config(cls, config: DrafterConfig) -> RotaryEmbedding:
+        """The draft layers' RoPE: head dim of the draft attention, the target's (full-attention) parameters."""
+        factor = 1.0 if config.partial_rotary_factor is None else config.partial_rotary_factor
+        return cls(config.attention_head_dim, config.rope_theta, config.rope_type or "default", factor)
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """positions [B, T] int -> cos, sin [B, T, head_dim]."""
@@ -84,32 +109,38 @@ class KVInjectionAttention(nn.Module):
     The context K/V come from the *same* ``k_proj``/``v_proj`` applied to the projected target features
     (paper Eq. 3); they depend only on the context, never on earlier draft layers, which is what makes an
     inference-time context KV cache exact. ``in_features`` lets Eagle3 feed ``[embed ; hidden]`` (2H).
+    Gemma4 (``attention_k_eq_v``): no ``v_proj``, V is the key projection taken before ``k_norm``; ``v_norm``
+    then normalises V without a scale.
     """
 
     def __init__(self, config: DrafterConfig, in_features: int | None = None) -> None:
         super().__init__()
-        h, dh = config.hidden_size, config.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, dh
+        h, dh = config.hidden_size, config.attention_head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.attention_num_kv_heads, dh
+        self.scale = config.attention_scale  # None = SDPA's default, head_dim ** -0.5
         inp = in_features or h
         bias = bool(config.attention_bias)
         self.q_proj = nn.Linear(inp, self.num_heads * dh, bias=bias)
         self.k_proj = nn.Linear(inp, self.num_kv_heads * dh, bias=bias)
-        self.v_proj = nn.Linear(inp, self.num_kv_heads * dh, bias=bias)
+        self.v_proj = None if config.attention_k_eq_v else nn.Linear(inp, self.num_kv_heads * dh, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * dh, h, bias=bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(dh, config.rms_norm_eps)
             self.k_norm = RMSNorm(dh, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.v_norm = RMSNorm(dh, config.rms_norm_eps, with_scale=False) if config.v_norm else None
 
     def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, T, in] -> rotated k, v [B, kv_heads, T, dh]."""
         b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = k if self.v_proj is None else self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(k.transpose(1, 2), cos, sin), v
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        return apply_rotary(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
 
     def project_q(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -117,6 +148,14 @@ class KVInjectionAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         return apply_rotary(q.transpose(1, 2), cos, sin)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q [B, heads, Q, dh], k/v [B, kv, K, dh], mask [B or 1, 1, Q, K] bool -> o_proj output [B, Q, H]."""
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # [B, heads, Q, dh]
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
     def forward(
         self,
@@ -133,23 +172,40 @@ class KVInjectionAttention(nn.Module):
         if extra_kv is not None:
             k = torch.cat([extra_kv[0], k], dim=2)
             v = torch.cat([extra_kv[1], v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )  # [B, heads, Q, dh]
-        b, _, t, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.attend(q, k, v, mask)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block (Qwen3/Llama): ``h += attn(norm(h)); h += mlp(norm(h))``."""
+    """Residual block. ``pre`` norms (Qwen3/Llama): ``h += attn(norm(h)); h += mlp(norm(h))``. ``sandwich``
+    norms (Gemma4): ``h += post_attention_layernorm(attn(input_layernorm(h)))``, then
+    ``h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))``; with ``layer_scalar`` the result is
+    multiplied by a persistent ones(1) buffer, as DeepSpec's Gemma4 layers save it."""
 
     def __init__(self, config: DrafterConfig, attn_in_features: int | None = None) -> None:
         super().__init__()
         h = config.hidden_size
+        self.sandwich = (config.norm_style or "pre") == "sandwich"
         self.input_layernorm = RMSNorm(h, config.rms_norm_eps)
         self.self_attn = KVInjectionAttention(config, attn_in_features)
         self.post_attention_layernorm = RMSNorm(h, config.rms_norm_eps)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(h, config.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(h, config.rms_norm_eps)
         self.mlp = MLP(h, config.intermediate_size, config.hidden_act)
+        if config.layer_scalar:
+            self.register_buffer("layer_scalar", torch.ones(1))
+        else:
+            self.layer_scalar = None
+
+    def residual(self, h: Tensor, attn_out: Tensor) -> Tensor:
+        """Everything after the attention: add its output ``attn_out`` to the stream ``h``, then the MLP."""
+        if self.sandwich:
+            h = h + self.post_attention_layernorm(attn_out)
+            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        else:
+            h = h + attn_out
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h if self.layer_scalar is None else h * self.layer_scalar.to(h.dtype)
 
     def forward(
         self,
@@ -159,8 +215,7 @@ class DecoderLayer(nn.Module):
         extra_kv: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
     ) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, extra_kv, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self.residual(h, self.self_attn(self.input_layernorm(h), cos, sin, extra_kv, mask))
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -175,3 +230,11 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 def softcap(logits: Tensor, cap: float | None) -> Tensor:
     """Gemma's final-logit soft capping ``cap * tanh(logits / cap)``; identity when ``cap`` is None."""
     return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def scale_embedding(embeds: Tensor, scale: float) -> Tensor:
+    """Gemma's scaled embedding ``e * sqrt(H)``; the scale is rounded to the embedding dtype first, as HF
+    Gemma's ``ScaledWordEmbedding`` (and so DeepSpec's Gemma4 drafter) does (in bf16, sqrt(3840) becomes 62.0)."""
+    if scale == 1.0:
+        return embeds
+    return embeds * torch.tensor(scale, dtype=embeds.dtype, device=embeds.device)

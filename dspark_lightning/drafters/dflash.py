@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, softcap
+from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap
 from .blocks import plan_blocks
 from .config import DrafterConfig
 
@@ -120,7 +120,7 @@ class DFlash(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(h, config.rms_norm_eps)
         self.lm_head = nn.Linear(h, v, bias=False)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding.from_config(config)
         init_weights(self)
         self.embed_tokens.weight.requires_grad_(False)
         self.lm_head.weight.requires_grad_(False)
@@ -128,7 +128,7 @@ class DFlash(nn.Module):
     # ------------------------------------------------------------------ pieces
     def embed(self, ids: Tensor) -> Tensor:
         e = self.embed_tokens(ids)
-        return e * self.config.embed_scale if self.config.embed_scale != 1.0 else e
+        return scale_embedding(e, self.config.embed_scale)
 
     def compute_logits(self, hidden: Tensor, markov_features: Tensor | None = None) -> Tensor:
         """Base logits ``lm_head(h)`` (+ Gemma soft cap); any leading shape. DFlash has no Markov head, so
@@ -188,7 +188,8 @@ class DFlash(nn.Module):
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None, capacity: int = 256) -> ContextKVCache:
         w = self.fc.weight
-        return ContextKVCache(len(self.layers), batch, self.config.num_key_value_heads, self.config.head_dim,
+        return ContextKVCache(len(self.layers), batch, self.config.attention_num_kv_heads,
+                              self.config.attention_head_dim,
                               device=device or w.device, dtype=dtype or w.dtype, capacity=capacity)
 
     @torch.no_grad()

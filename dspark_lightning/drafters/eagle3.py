@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, softcap
+from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap
 from .config import DrafterConfig
 from .dflash import ContextKVCache, Proposal, sample
 
@@ -93,7 +93,9 @@ class Eagle3Cache(ContextKVCache):
 
 class Eagle3DecoderLayer(DecoderLayer):
     """Eagle3's layer: ``h' = h + o_proj(attn([input_layernorm(e) ; hidden_norm(h)]))``, then
-    ``h' += mlp(post_attention_layernorm(h'))``."""
+    ``h' += mlp(post_attention_layernorm(h'))``. With Gemma4 sandwich norms (DeepSpec §2.2) the residual part is
+    :meth:`DecoderLayer.residual`'s: the attention output is normed before it is added, the MLP is wrapped in
+    ``pre/post_feedforward_layernorm`` and the result is scaled by ``layer_scalar``."""
 
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__(config, attn_in_features=2 * config.hidden_size)
@@ -108,12 +110,7 @@ class Eagle3DecoderLayer(DecoderLayer):
         q = attn.project_q(x, cos, sin)
         k, v = attn.project_kv(x, cos, sin)
         keys, values = (k, v) if past_kv is None else _cat_kv(past_kv, (k, v))
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=attn.num_heads != attn.num_kv_heads
-        )  # [B, heads, Q, dh]
-        b, _, t, _ = out.shape
-        h = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
-        return h + self.mlp(self.post_attention_layernorm(h)), (k, v)
+        return self.residual(hidden, attn.attend(q, keys, values, mask)), (k, v)
 
 
 class Eagle3(nn.Module):
@@ -137,7 +134,7 @@ class Eagle3(nn.Module):
         self.layers = nn.ModuleList([Eagle3DecoderLayer(config)])
         self.norm = RMSNorm(h, config.rms_norm_eps)
         self.lm_head = nn.Linear(h, draft_vocab, bias=False)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding.from_config(config)
         if config.draft_vocab_size is not None:
             # Placeholder map (the first Vd tokens) until set_draft_vocab installs the real one.
             self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
@@ -195,9 +192,7 @@ class Eagle3(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def embed(self, ids: Tensor) -> Tensor:
-        e = self.embed_tokens(ids)
-        e = e * self.config.embed_scale if self.config.embed_scale != 1.0 else e
-        return e.to(self.fc.weight.dtype)
+        return scale_embedding(self.embed_tokens(ids), self.config.embed_scale).to(self.fc.weight.dtype)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Draft logits ``lm_head(norm(h))`` (+ soft cap) over the draft vocabulary from *pre-norm* states."""
@@ -260,7 +255,7 @@ class Eagle3(nn.Module):
                   dtype: torch.dtype | None = None, capacity: int = 256) -> Eagle3Cache:
         w = self.fc.weight
         cfg = self.config
-        return Eagle3Cache(batch, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
+        return Eagle3Cache(batch, cfg.attention_num_kv_heads, cfg.attention_head_dim, cfg.hidden_size,
                            device=device or w.device, dtype=dtype or w.dtype, capacity=capacity)
 
     @torch.no_grad()

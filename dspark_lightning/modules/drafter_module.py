@@ -4,6 +4,11 @@ Everything algorithm-specific lives in the drafter (its training forward) and in
 only wires them to Lightning: it builds the drafter from its config and the target's geometry, copies the
 target's frozen embedding/head, runs the frozen target when the batch carries no cached states (online
 mode), logs losses and acceptance metrics, and builds AdamW with warmup + cosine decay.
+
+Validation has two modes. Token batches (``input_ids``) get the training losses, as in fit. Prompt batches
+(``prompt_ids``, from ``eval.suites.SuitesDataModule``) are decoded by an injected
+:class:`ValidationDecoder` (``model.decoding``; ``eval.validate.SpeculativeValidation`` runs speculative
+decoding and writes the report), so this module never imports the decoding engine.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class LossWeights:
         decay: position-weight constant, ``w_k = exp(-k / decay)`` (block drafters).
         step_decay: Eagle3 per-step weight ``step_decay ** k``.
         chunk_size: tokens per chunk when vocabulary-sized logits are built.
+        fused: block drafters use the fused loss (``kernels/fused_block_loss.py``: gradients w.r.t. the logits
+            computed in the forward pass, a Triton kernel on CUDA) instead of checkpointed chunks; same values.
     """
 
     ce: float = 0.1
@@ -42,11 +49,14 @@ class LossWeights:
     decay: float = 4.0
     step_decay: float = 0.8
     chunk_size: int = 1024
+    fused: bool = False
 
 
 def build_drafter(config: DrafterConfig) -> nn.Module:
     """Instantiate the drafter class for ``config.algorithm`` (config must be resolved)."""
-    classes = {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}
+    from ..drafters.dspark_v4 import DSparkV4  # imports transformers' DeepSeek-V4 blocks: only when built
+
+    classes = {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3, "dspark_v4": DSparkV4}
     return classes[config.algorithm](config)
 
 
@@ -70,6 +80,24 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class ValidationDecoder:
+    """What ``DrafterModule`` calls to validate on prompt batches (implemented in ``dspark_lightning.eval``).
+
+    The module hands over batches that carry ``prompt_ids`` and the epoch boundaries; the decoder owns its
+    engine, metrics and report.
+    """
+
+    def on_validation_epoch_start(self, module: DrafterModule) -> None:
+        """Prepare for an epoch (metrics, engine)."""
+
+    def validation_step(self, module: DrafterModule, batch: dict[str, Any], batch_idx: int) -> None:
+        """Decode one prompt batch."""
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self, module: DrafterModule) -> None:
+        """Reduce, log and report."""
+
+
 class DrafterModule(L.LightningModule):
     """Train a DSpark / DFlash / Eagle3 drafter.
 
@@ -83,6 +111,8 @@ class DrafterModule(L.LightningModule):
         warmup_ratio: warmup fraction for the default scheduler.
         copy_target_embeddings: copy ``embed_tokens``/``lm_head`` from the target at ``setup`` (off only in tests
             that set weights by hand).
+        decoding: how to validate on prompt batches (``eval.validate.SpeculativeValidation``: speculative
+            decoding, tau, calibration, report); None keeps loss-only validation.
     """
 
     def __init__(
@@ -94,9 +124,10 @@ class DrafterModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_ratio: float = 0.04,
         copy_target_embeddings: bool = True,
+        decoding: ValidationDecoder | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["decoding"])
         self.target_config = target
         self.drafter_config = drafter.resolve(load_target_config(target))
         self.drafter = build_drafter(self.drafter_config)
@@ -105,6 +136,7 @@ class DrafterModule(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.warmup_ratio = warmup_ratio
         self.copy_target_embeddings = copy_target_embeddings
+        self.decoding = decoding
         self.__dict__["target"] = None  # frozen target, kept out of the state dict and the optimizer
 
     # ------------------------------------------------------------------ target
@@ -124,6 +156,13 @@ class DrafterModule(L.LightningModule):
                     self.drafter.load_target_embeddings(target.embed_weight, target.lm_head_weight)
                 else:
                     self.drafter.lm_head.weight.copy_(target.lm_head_weight)
+
+    def frozen_target(self) -> FrozenTarget:
+        """The frozen target on this module's device (loaded on first use)."""
+        target = self._load_target()
+        if target.device != self.device:
+            target.to(self.device)
+        return target
 
     def _needs_embedding_copy(self) -> bool:
         # A restored checkpoint already holds the (frozen) copies; Lightning restores weights after setup,
@@ -157,7 +196,8 @@ class DrafterModule(L.LightningModule):
             anchors, valid = sample_anchors(batch["loss_mask"], self.drafter_config.num_anchors)
         out = self.drafter(batch["input_ids"], hidden, batch["loss_mask"], anchors, valid)
         return block_drafter_loss(out, self.drafter.compute_logits, last_hidden, ce_weight=w.ce, l1_weight=w.l1,
-                                  confidence_weight=w.confidence, decay=w.decay, chunk_size=w.chunk_size)
+                                  confidence_weight=w.confidence, decay=w.decay, chunk_size=w.chunk_size,
+                                  fused=w.fused)
 
     def _log_step(self, result: LossOutput, stage: str, batch_size: int) -> None:
         on_step = stage == "train"
@@ -180,8 +220,24 @@ class DrafterModule(L.LightningModule):
         return result.loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if "prompt_ids" in batch:
+            if self.decoding is None:
+                raise ValueError(
+                    "The validation data yields prompts (SuitesDataModule) but the model has no decoder: set "
+                    "model.decoding (class_path: dspark_lightning.eval.validate.SpeculativeValidation)."
+                )
+            self.decoding.validation_step(self, batch, batch_idx)
+            return
         result = self.compute_loss(batch)
         self._log_step(result, "val", batch["input_ids"].shape[0])
+
+    def on_validation_epoch_start(self) -> None:
+        if self.decoding is not None:
+            self.decoding.on_validation_epoch_start(self)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.decoding is not None:
+            self.decoding.on_validation_epoch_end(self)
 
     # ------------------------------------------------------------------ optim
     def configure_optimizers(self) -> Any:

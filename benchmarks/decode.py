@@ -1,0 +1,139 @@
+"""Wall-clock decoding throughput: speculative decoding vs the target alone, in the same engine.
+
+The target is SmolLM2-135M-Instruct (``targets.smollm2_target()``); the drafter comes from a Lightning
+checkpoint (``--ckpt``, e.g. the ``make demo`` run) or is an untrained DSpark of the demo's shape. Prompts are
+the first turns of a shipped suite under the chat template. For every batch size and temperature both
+engines decode the same prompts; the table gives generated tokens per second (prefill included), their
+ratio, tau and the mean verify length. The time of one prefix-scheduler decision for R = 256 requests and
+gamma = 7 is printed first.
+
+CPU (small):   python benchmarks/decode.py --device cpu --batch-sizes 1 32 --max-new-tokens 32
+H200:          python benchmarks/decode.py --device cuda --dtype bfloat16 --ckpt outputs/demo/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dspark_lightning.decoding import SpeculativeEngine, SpsTable, build_policy, schedule_prefix
+from dspark_lightning.drafters import DrafterConfig
+from dspark_lightning.eval.suites import load_suites
+from dspark_lightning.modules.drafter_module import build_drafter
+from dspark_lightning.targets import FrozenTarget, TargetConfig, load_target_config, smollm2_target
+
+# The demo's drafter shape (configs/demo/smollm2_dspark_cpu.yaml), used when no checkpoint is given.
+UNTRAINED = dict(algorithm="dspark", num_hidden_layers=1, target_layer_ids=[1, 7, 14, 20, 27], block_size=7,
+                 mask_token_id=0, markov_rank=64, markov_head_type="vanilla")
+
+
+def scheduler_microseconds(device: torch.device, requests: int = 256, gamma: int = 7, calls: int = 200) -> float:
+    """Median time of one Algorithm 1 decision (sort, cumulative sum, table lookup, per-request counts)."""
+    table = SpsTable([requests, 2 * requests, 4 * requests, 8 * requests], [100.0, 90.0, 60.0, 35.0])
+    conf = torch.rand(requests, gamma, generator=torch.Generator().manual_seed(0)).to(device)
+    times = []
+    for i in range(calls + 10):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        schedule_prefix(conf, table)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 10:
+            times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def load_drafter(ckpt: str | None, target_cfg: TargetConfig, target: FrozenTarget | None,
+                 device: torch.device) -> torch.nn.Module:
+    """A drafter from a Lightning checkpoint of DrafterModule, or an untrained one with the target's embeddings."""
+    hf = load_target_config(target_cfg)
+    if ckpt is None:
+        drafter = build_drafter(DrafterConfig(**UNTRAINED).resolve(hf))
+        with torch.no_grad():
+            drafter.embed_tokens.weight.copy_(target.embed_weight)
+            drafter.lm_head.weight.copy_(target.lm_head_weight)
+    else:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        raw = state["hyper_parameters"]["drafter"]
+        config = raw if isinstance(raw, DrafterConfig) else DrafterConfig.from_dict(dict(raw))
+        drafter = build_drafter(config.resolve(hf))
+        weights = {k.removeprefix("drafter."): v for k, v in state["state_dict"].items() if k.startswith("drafter.")}
+        drafter.load_state_dict(weights)
+    return drafter.to(device=device, dtype=target.dtype).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default=None, help="DrafterModule Lightning checkpoint (default: untrained)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--suite", default="mt-bench", help="prompt suite (shipped name or JSONL path)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--policy", default="fixed", choices=["fixed", "threshold", "scheduler"])
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--sps-table", default=None, help="profile-sps JSON (policy scheduler)")
+    parser.add_argument("--gamma", type=int, default=None)
+    parser.add_argument("--warmup-tokens", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    torch.manual_seed(args.seed)
+    print(f"prefix scheduler decision, R=256, gamma=7, {device.type}: "
+          f"{scheduler_microseconds(torch.device('cpu')):.0f} us on the host tensors"
+          + (f", {scheduler_microseconds(device):.0f} us on {device}" if device.type == "cuda" else ""), flush=True)
+
+    target_cfg = smollm2_target(dtype)
+    hf = load_target_config(target_cfg)
+    layer_ids = UNTRAINED["target_layer_ids"]
+    if args.ckpt is not None:
+        raw = torch.load(args.ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["drafter"]
+        layer_ids = list(raw.target_layer_ids if isinstance(raw, DrafterConfig) else raw["target_layer_ids"])
+    target = FrozenTarget.from_config(target_cfg, layer_ids, device=device)
+    drafter = load_drafter(args.ckpt, target_cfg, target, device)
+    table = SpsTable.load(args.sps_table) if args.sps_table else None
+    spec = SpeculativeEngine(target, drafter, gamma=args.gamma,
+                             policy=build_policy(args.policy, threshold=args.threshold, sps_table=table))
+    alone = SpeculativeEngine(target, None)
+    suite = load_suites(target_cfg, [args.suite], max_samples=max(args.batch_sizes) * 2,
+                        max_prompt_tokens=args.max_prompt_tokens, hf_config=hf)[0]
+    stops = suite.stop_token_ids
+    print(f"target SmolLM2-135M-Instruct ({dtype}, {device}); drafter {drafter.config.algorithm} "
+          f"({'checkpoint ' + str(Path(args.ckpt).name) if args.ckpt else 'untrained'}), gamma {spec.gamma}, "
+          f"policy {args.policy}; suite {suite.name}; max_new_tokens {args.max_new_tokens}", flush=True)
+
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = [suite.prompts[i % len(suite.prompts)] for i in range(batch)]
+        for temperature in args.temperatures:
+            result = {}
+            for name, engine in (("target", alone), ("spec", spec)):
+                engine.generate(prompts, max_new_tokens=args.warmup_tokens, temperature=temperature,
+                                stop_token_ids=stops, seed=args.seed)
+                out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                                      stop_token_ids=stops, seed=args.seed)
+                result[name] = out
+            t, s = result["target"], result["spec"]
+            t_tps, s_tps = t.num_tokens / t.seconds, s.num_tokens / s.seconds
+            rows.append((batch, temperature, t_tps, s_tps, s_tps / t_tps, float(s.rounds.num_tokens.double().mean()),
+                         float(s.rounds.proposal_length.double().mean()), t.num_tokens, s.num_tokens))
+            print(f"  done: batch {batch}, T {temperature:g}", flush=True)
+
+    print("\n| batch | T | target tok/s | speculative tok/s | speedup | tau | verified drafts/round "
+          "| tokens (target / spec) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for b, temp, t_tps, s_tps, ratio, tau, verify, nt, ns in rows:
+        print(f"| {b} | {temp:g} | {t_tps:.1f} | {s_tps:.1f} | {ratio:.2f}x | {tau:.2f} | {verify:.2f} | {nt} / {ns} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""One drafter training step at a chosen geometry: ms/step, peak memory, MFU; DSpark, DFlash, Eagle3 side by side.
+
+Default geometry is DeepSpec's Qwen3-4B setting (hidden 2560, 5 draft layers, vocab 151,936, target layers
+[1, 9, 17, 25, 33], one 4,096-token sequence, 512 anchors, block 7, bf16, fused AdamW); the reference trainer's
+figures on the H200 are printed beside ours.
+
+    python benchmarks/train_step.py                       # CUDA, Qwen3-4B geometry
+    python benchmarks/train_step.py --small --device cpu  # a quick CPU sanity run
+    python benchmarks/train_step.py --fused               # also time the fused CE/L1 loss (kernels/) beside it
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import torch
+
+from dspark_lightning.drafters import DFlash, DrafterConfig, DSpark, Eagle3
+from dspark_lightning.drafters.blocks import sample_anchors
+from dspark_lightning.losses import block_drafter_loss, eagle3_ttt_loss
+
+REFERENCE_MS = {"dspark": (105.6, 80.8, 22.8), "dflash": (82.6, 60.6, 18.3)}  # eager, compiled, peak GiB
+
+
+def qwen3_4b() -> SimpleNamespace:
+    return SimpleNamespace(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                           max_position_embeddings=40960, attention_bias=False, hidden_act="silu",
+                           num_hidden_layers=36, rope_theta=1_000_000.0)
+
+
+def small() -> SimpleNamespace:
+    return SimpleNamespace(model_type="qwen3", vocab_size=4096, hidden_size=256, intermediate_size=512,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                           max_position_embeddings=4096, attention_bias=False, hidden_act="silu",
+                           num_hidden_layers=8, rope_theta=10000.0)
+
+
+def step_flops(cfg: DrafterConfig, seq: int, anchors: int) -> float:
+    """Matmul FLOPs of one DSpark/DFlash training step (forward + backward).
+
+    Trainable matmuls cost 3x their forward (forward, input grad, weight grad); the frozen lm_head costs 2x on the
+    draft path (forward + input grad) and 1x on the target path; attention scores/values count 3x.
+    """
+    h, i, v, dh = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    nh, nkv, m = cfg.num_attention_heads, cfg.num_key_value_heads, len(cfg.target_layer_ids)
+    n_layers = cfg.num_hidden_layers
+    q = anchors * cfg.block_size
+    per_query_layer = 2 * (h * nh * dh + 2 * h * nkv * dh + nh * dh * h + 3 * h * i)
+    per_ctx_layer = 2 * 2 * h * nkv * dh
+    attn = 2 * 2 * q * (seq + q) * nh * dh
+    layers = n_layers * (q * per_query_layer + seq * per_ctx_layer + attn)
+    fc = 2 * seq * m * h * h
+    head = 2 * q * h * v
+    markov = 2 * q * cfg.markov_rank * v if cfg.has_markov_head else 0
+    return 3 * (layers + fc + markov) + 2 * head + head
+
+
+def build(algorithm: str, target: SimpleNamespace, args: argparse.Namespace) -> tuple[torch.nn.Module, DrafterConfig]:
+    if algorithm == "eagle3":
+        cfg = DrafterConfig(algorithm="eagle3", num_hidden_layers=1, target_layer_ids=args.layers, ttt_length=7)
+    else:
+        cfg = DrafterConfig(algorithm=algorithm, num_hidden_layers=args.draft_layers, target_layer_ids=args.layers,
+                            block_size=args.block, num_anchors=args.anchors, mask_token_id=target.vocab_size - 1,
+                            markov_rank=256 if algorithm == "dspark" else 0,
+                            enable_confidence_head=algorithm == "dspark",
+                            confidence_head_with_markov=algorithm == "dspark")
+    cfg = cfg.resolve(target)
+    model = {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}[algorithm](cfg)
+    return model.to(args.device, torch.bfloat16), cfg
+
+
+def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, compile_: bool,
+          fused: bool = False) -> dict:
+    device = torch.device(args.device)
+    model, cfg = build(algorithm, target, args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=6e-4, fused=device.type == "cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    L, H, m = args.seq, cfg.hidden_size, len(cfg.target_layer_ids)
+    ids = torch.randint(0, cfg.vocab_size - 1, (1, L), generator=g).to(device)
+    loss_mask = torch.ones(1, L, dtype=torch.bool, device=device)
+    loss_mask[:, : L // 8] = False
+    hidden = torch.randn(1, L, m * H, generator=g).to(device, torch.bfloat16)
+    last = torch.randn(1, L, H, generator=g).to(device, torch.bfloat16)
+
+    def step() -> torch.Tensor:
+        if algorithm == "eagle3":
+            out = model(ids, hidden, loss_mask)
+            loss = eagle3_ttt_loss(out, model.compute_logits, last, model.target_logits).loss
+        else:
+            anchors, valid = sample_anchors(loss_mask, cfg.num_anchors)
+            out = model(ids, hidden, loss_mask, anchors, valid)
+            loss = block_drafter_loss(out, model.compute_logits, last,
+                                      ce_weight=0.1 if algorithm == "dspark" else 1.0,
+                                      l1_weight=0.9 if algorithm == "dspark" else 0.0, fused=fused).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    fn = torch.compile(step, dynamic=True) if compile_ else step
+    for _ in range(args.warmup):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        fn()
+    sync()
+    ms = (time.perf_counter() - t0) / args.iters * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    flops = step_flops(cfg, L, cfg.num_anchors) if algorithm != "eagle3" else float("nan")
+    return {"algorithm": algorithm, "compiled": compile_, "fused": fused, "ms": ms, "peak_gib": peak,
+            "tflops": flops / ms / 1e9, "step_tflop": flops / 1e12}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="a small geometry for a quick sanity run")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--anchors", type=int, default=512)
+    parser.add_argument("--block", type=int, default=7)
+    parser.add_argument("--draft-layers", type=int, default=5)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 9, 17, 25, 33])
+    parser.add_argument("--algorithms", nargs="+", default=["dspark", "dflash", "eagle3"])
+    parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
+    parser.add_argument("--fused", action="store_true",
+                        help="DSpark/DFlash: also time block_drafter_loss(fused=True) beside the default loss")
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 rate for MFU (H200 measured)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    target = small() if args.small else qwen3_4b()
+    if args.small:
+        args.seq, args.anchors, args.layers = min(args.seq, 512), min(args.anchors, 64), [1, 3, 5]
+    modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    print(f"device={args.device} hidden={target.hidden_size} vocab={target.vocab_size} seq={args.seq} "
+          f"anchors={args.anchors} block={args.block} draft_layers={args.draft_layers}")
+    print(f"{'drafter':8} {'compile':7} {'fused':5} {'ms/step':>9} {'peak GiB':>9} {'TFLOP':>7} {'TFLOP/s':>8} "
+          f"{'MFU':>6} {'ref ms':>8} {'speed-up':>8}")
+    for algorithm in args.algorithms:
+        fused_modes = [False, True] if args.fused and algorithm != "eagle3" else [False]
+        for compile_, fused in ((c, f) for c in modes for f in fused_modes):
+            r = bench(algorithm, target, args, compile_, fused)
+            ref = REFERENCE_MS.get(algorithm)
+            ref_ms = (ref[1] if compile_ else ref[0]) if ref and not args.small else float("nan")
+            print(f"{algorithm:8} {str(compile_):7} {str(fused):5} {r['ms']:9.1f} {r['peak_gib']:9.2f} "
+                  f"{r['step_tflop']:7.1f} {r['tflops']:8.1f} {r['tflops'] / args.peak_tflops:6.1%} {ref_ms:8.1f} "
+                  f"{ref_ms / r['ms']:8.2f}x",
+                  flush=True)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

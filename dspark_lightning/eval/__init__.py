@@ -1,0 +1,1 @@
+"""Evaluation on benchmark suites: prompts, torchmetrics counters, the validate hook, reports and plots."""

@@ -1,0 +1,158 @@
+"""Bad caches: every failure names the shard (and the sample key); ``skip_corrupt`` counts and logs instead.
+
+Covered here: truncated tar, corrupt sample, sha256 mismatch, NaN/Inf hidden states, missing shard, missing
+or unknown-version manifest. A cache built for another target, drafter or tokenizer is refused in
+``test_cache.py`` (``test_setup_refuses_*``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dspark_lightning.data.cache.build import build_cache, write_shard
+from dspark_lightning.data.cache.datamodule import TargetCacheDataModule
+from dspark_lightning.data.cache.format import CacheError, encode_sample
+from dspark_lightning.data.cache.reader import verify_cache
+from dspark_lightning.targets import TargetConfig
+
+TINY = dict(model_type="qwen3", vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """12 samples in 3 shards of 4."""
+    root = tmp_path_factory.mktemp("pristine")
+    g = torch.Generator().manual_seed(0)
+    with (root / "rows.jsonl").open("w") as f:
+        for i in range(12):
+            ids = torch.randint(0, 128, (20,), generator=g).tolist()
+            f.write(json.dumps({"id": i, "input_ids": ids, "loss_mask": [0] * 4 + [1] * 16}) + "\n")
+    build_cache([str(root / "rows.jsonl")], str(root / "cache"), TargetConfig(tiny=TINY), [0, 1], max_shard_samples=4,
+                min_loss_tokens=1, progress=False)
+    return root / "cache"
+
+
+@pytest.fixture
+def cache(pristine, tmp_path) -> Path:
+    shutil.copytree(pristine, tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def members(shard: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(shard) as tar:
+        return tar.getmembers()
+
+
+def patch(shard: Path, offset: int, data: bytes) -> None:
+    with shard.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def epoch(path: Path, **kwargs) -> list[dict]:
+    dm = TargetCacheDataModule(str(path), batch_size=2, num_workers=0, shuffle_buffer=0, **kwargs)
+    dm.setup("fit")
+    return list(dm.train_dataloader())
+
+
+def test_pristine_cache_reads_and_verifies(cache):
+    assert sum(len(b["cache_keys"]) for b in epoch(cache)) == 12
+    verify_cache(str(cache))
+
+
+def test_truncated_tar(cache, caplog):
+    shard = cache / "shard-00-00001.tar"
+    shard.write_bytes(shard.read_bytes()[: members(shard)[2].offset_data + 100])  # cut inside the third sample
+    with pytest.raises(CacheError, match=r"shard .*shard-00-00001\.tar: truncated or unreadable tar after key "
+                                         r"'0000000005'.*skip_corrupt"):
+        epoch(cache)
+    with pytest.raises(CacheError, match=r"shard-00-00001\.tar: truncated"):
+        verify_cache(str(cache))
+    with caplog.at_level(logging.WARNING):
+        batches = epoch(cache, skip_corrupt=True)
+    # The epoch keeps its planned length (the two lost samples are made up by re-reading), and says what it skipped.
+    assert len(batches) == 6 and sum(int(b["cache_skipped"]) for b in batches) >= 1
+    assert "skip_corrupt: skipped shard" in caplog.text and "shard-00-00001.tar" in caplog.text
+
+
+def test_corrupt_sample(cache, caplog):
+    shard = cache / "shard-00-00002.tar"
+    target = members(shard)[1]
+    patch(shard, target.offset_data, b"\xff" * 8)  # the safetensors header length: now absurd
+    with pytest.raises(CacheError, match=r"shard .*shard-00-00002\.tar key '0000000009': not a readable safetensors"):
+        epoch(cache)
+    with pytest.raises(CacheError, match=r"shard-00-00002\.tar key '0000000009'"):
+        verify_cache(str(cache))
+    with caplog.at_level(logging.WARNING):
+        batches = epoch(cache, skip_corrupt=True)
+    keys = [k for b in batches for k in b["cache_keys"]]
+    assert len(batches) == 6 and sum(int(b["cache_skipped"]) for b in batches) == 1
+    assert "shard-00-00002.tar/0000000009" not in keys
+    assert "key '0000000009'" in caplog.text
+
+
+def test_sha256_mismatch(cache):
+    shard = cache / "shard-00-00000.tar"
+    last = members(shard)[-1]
+    data = bytearray(shard.read_bytes())
+    data[last.offset_data + last.size - 2] ^= 0x01  # lowest mantissa bit of a bf16 value: still decodes
+    shard.write_bytes(bytes(data))
+    assert sum(len(b["cache_keys"]) for b in epoch(cache)) == 12  # undetectable without hashing...
+    with pytest.raises(CacheError, match=r"shard .*shard-00-00000\.tar: .* sha256 .* but the manifest records"):
+        verify_cache(str(cache))
+    with pytest.raises(CacheError, match=r"shard-00-00000\.tar: .*sha256"):
+        epoch(cache, verify_sha256=True)  # ...which the loader does on request, while streaming
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_hidden_states(cache, bad):
+    shard = cache / "shard-00-00001.tar"
+    hidden = torch.randn(20, 32)
+    hidden[3, 5] = bad
+    blob = encode_sample(torch.arange(20), torch.ones(20), hidden, torch.randn(20, 16), dtype="bfloat16",
+                         sample_id="x", check_finite=False)
+    written = write_shard(shard, [("0000000004", blob)])
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["shards"][1].update(samples=1, tokens=20, **written)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"shard-00-00001\.tar key '0000000004': target_hidden holds NaN/Inf"):
+        epoch(cache)
+    batches = epoch(cache, skip_corrupt=True)
+    assert all(torch.isfinite(b["target_hidden"]).all() for b in batches)
+    assert sum(int(b["cache_skipped"]) for b in batches) >= 1
+    with pytest.raises(CacheError, match="target produced NaN/Inf in target_hidden"):  # the writer refuses it too
+        encode_sample(torch.arange(20), torch.ones(20), hidden, torch.randn(20, 16), dtype="bfloat16", sample_id="x")
+
+
+def test_missing_shard(cache):
+    (cache / "shard-00-00002.tar").unlink()
+    with pytest.raises(CacheError, match=r"Shard .*shard-00-00002\.tar is listed in the manifest but does not exist"):
+        epoch(cache)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(CacheError, match=r"No cache manifest at .*manifest\.json: build the cache first"):
+        TargetCacheDataModule(str(tmp_path)).setup("fit")
+    with pytest.raises(CacheError, match="No cache manifest"):
+        verify_cache(str(tmp_path))
+
+
+def test_unknown_version_or_kind(cache):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(CacheError, match=r"format_version=99; this dspark_lightning reads \[1\]"):
+        TargetCacheDataModule(str(cache)).setup("fit")
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "kind": "something else"}))
+    with pytest.raises(CacheError, match="is not a dspark_lightning target-cache manifest"):
+        TargetCacheDataModule(str(cache)).setup("fit")
+    (cache / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheError, match="is not valid JSON"):
+        TargetCacheDataModule(str(cache)).setup("fit")

@@ -1,0 +1,196 @@
+"""The engine is lossless: greedy output equals the target's own, sampled output has the target's distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from dspark_lightning.decoding import (
+    ConfidenceThreshold,
+    FixedLength,
+    PrefixScheduler,
+    SpeculativeEngine,
+    SpsTable,
+)
+from dspark_lightning.decoding.sampling import verify_chain
+from dspark_lightning.drafters.dflash import Proposal
+from dspark_lightning.targets import FrozenTarget
+
+DRAFTER_NAMES = ["dspark-vanilla", "dspark-rnn", "dflash-deepspec", "dflash-zlab", "eagle3"]
+PROMPTS = [[5, 17, 33, 2, 9], [41], [7, 7, 12, 60, 3, 28, 19, 44, 1], [30, 11, 50]]
+NEW = 24
+
+
+def greedy_reference(target: FrozenTarget, prompt: list[int], n: int) -> list[int]:
+    """The target alone, no KV cache: a full forward per token."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(target(torch.tensor([ids]), compute_logits=True).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def references(target64):
+    return [greedy_reference(target64, p, NEW) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("name", DRAFTER_NAMES)
+def test_greedy_equals_target_greedy(target64, references, name, make_drafter, tiny_target_config):
+    drafter = make_drafter(name, tiny_target_config())
+    for gamma in (1, 2, 4):
+        engine = SpeculativeEngine(target64, drafter, gamma=gamma, compact_min_slots=16)
+        batch = engine.generate(PROMPTS, max_new_tokens=NEW)  # uneven lengths, batch 4
+        assert batch.tokens == references, (name, gamma)
+        for prompt, ref in zip(PROMPTS[:2], references[:2]):
+            assert engine.generate([prompt], max_new_tokens=NEW).tokens == [ref], (name, gamma)
+        assert (batch.rounds.proposal_length == gamma).all()
+        assert int(batch.rounds.num_tokens.sum()) == len(PROMPTS) * NEW  # no stop token: every round's tokens kept
+
+
+class OracleDrafter(torch.nn.Module):
+    """Proposes the target's known greedy continuation with one wrong token per block: long accepted prefixes,
+    corrections, bonus tokens and stop tokens inside accepted drafts all happen."""
+
+    def __init__(self, config, continuations: list[list[int]], prompt_lengths: list[int]) -> None:
+        super().__init__()
+        self.config = config
+        self.sequences = continuations
+        self.prompt_lengths = prompt_lengths
+        self.rounds = 0
+
+    def new_cache(self, batch, **kwargs):
+        from dspark_lightning.drafters.dflash import ContextKVCache
+
+        cache = ContextKVCache(1, batch, 1, 1, device="cpu", dtype=torch.float32)
+        cache.keys = [torch.arange(batch, dtype=torch.float32)[:, None, None, None]]  # row -> request id
+        cache.values = [cache.keys[0].clone()]
+        return cache
+
+    def extend_context(self, cache, target_hidden, counts=None):
+        cache.lengths = cache.lengths + counts
+
+    def propose(self, cache, anchor_ids, temperature=0.0, generator=None):
+        k, vocab = self.config.block_size, self.config.vocab_size
+        tokens = []
+        for row, request in enumerate(cache.keys[0][:, 0, 0, 0].long().tolist()):
+            done = int(cache.lengths[row]) + 1 - self.prompt_lengths[request]  # generated tokens so far
+            want = (self.sequences[request] + [0] * 64)[done:done + k]
+            wrong = (self.rounds + row) % (k + 2)  # sometimes beyond the block: everything right
+            if wrong < k:
+                want[wrong] = (want[wrong] + 1) % vocab
+            tokens.append(want)
+        self.rounds += 1
+        tokens = torch.tensor(tokens)
+        return Proposal(tokens, torch.nn.functional.one_hot(tokens, vocab).float())
+
+
+def test_greedy_with_long_accepted_prefixes_and_stop_tokens(target64, references, make_drafter, tiny_target_config):
+    drafter = make_drafter("dflash-deepspec", tiny_target_config(), block_size=4)
+    oracle = OracleDrafter(drafter.config, references, [len(p) for p in PROMPTS])
+    engine = SpeculativeEngine(target64, oracle, compact_min_slots=8)
+    out = engine.generate(PROMPTS, max_new_tokens=NEW)
+    assert out.tokens == references
+    assert out.rounds.accepted.max() == 4 and out.rounds.num_tokens.float().mean() > 2
+    # Stop at a token that occurs mid-way: output ends right after its first occurrence.
+    stop = references[2][10]
+    out = SpeculativeEngine(target64, oracle).generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=[stop])
+    for tokens, ref in zip(out.tokens, references):
+        cut = ref.index(stop) + 1 if stop in ref else NEW
+        assert tokens == ref[:cut]
+    assert out.stopped[2]
+    # Budgets that end inside an accepted block are respected exactly.
+    out = SpeculativeEngine(target64, oracle).generate(PROMPTS, max_new_tokens=7)
+    assert out.tokens == [r[:7] for r in references]
+
+
+def test_target_alone_through_the_engine(target64, references):
+    out = SpeculativeEngine(target64, None).generate(PROMPTS, max_new_tokens=NEW)
+    assert out.tokens == references
+    assert (out.rounds.num_tokens == 1).all() and out.rounds.gamma == 0
+
+
+def test_engine_refuses_mismatched_layers_and_sliding_windows(make_drafter, tiny_target_config):
+    cfg = tiny_target_config()
+    drafter = make_drafter("dspark-vanilla", cfg)
+    with pytest.raises(ValueError, match="target_layer_ids"):
+        SpeculativeEngine(FrozenTarget.from_config(cfg, [0, 1]), drafter)
+    with pytest.raises(ValueError, match="gamma=5"):
+        SpeculativeEngine(FrozenTarget.from_config(cfg, [0, 2]), drafter, gamma=5)
+    sliding = FrozenTarget.from_config(cfg, [0, 2])
+    sliding.model.config.layer_types = ["sliding_attention"] * 3
+    with pytest.raises(ValueError, match="full-attention"):
+        SpeculativeEngine(sliding, drafter)
+
+
+def test_verify_chain_rules():
+    logits = torch.full((1, 3, 4), -30.0)
+    logits[0, 0, 1] = logits[0, 1, 2] = logits[0, 2, 3] = 30.0  # the target is sure: 1, 2, 3
+    drafts = torch.tensor([[1, 0]])
+    q = torch.nn.functional.one_hot(drafts, 4).float()
+    accepted, nxt = verify_chain(drafts, q, logits, torch.tensor([2]), 0.0)
+    assert accepted.tolist() == [1] and nxt.tolist() == [2]  # greedy: match, mismatch -> target argmax
+    accepted, nxt = verify_chain(drafts, q, logits, torch.tensor([2]), 1.0, torch.Generator().manual_seed(0))
+    assert accepted.tolist() == [1] and nxt.tolist() == [2]  # residual of a one-hot q is the target's choice
+    accepted, nxt = verify_chain(drafts, q, logits, torch.tensor([1]), 1.0, torch.Generator().manual_seed(0))
+    assert accepted.tolist() == [1] and nxt.tolist() == [2]  # bonus after the last offered draft
+    accepted, nxt = verify_chain(drafts, q, logits, torch.tensor([0]), 1.0, torch.Generator().manual_seed(0))
+    assert accepted.tolist() == [0] and nxt.tolist() == [1]  # nothing offered: a plain target sample
+
+
+# --------------------------------------------------------------------------------------------- sampling
+V = 12
+SAMPLES, CHUNK = 20_000, 5_000
+PROMPT = [3, 5, 1, 7]
+
+
+def _exact_joint(target: FrozenTarget) -> np.ndarray:
+    """P(x1, x2 | prompt) of the target at T = 1, by enumeration."""
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([PROMPT]), compute_logits=True).logits[0, -1].double(), -1)
+        both = torch.tensor([PROMPT + [x] for x in range(V)])
+        p2 = torch.softmax(target(both, compute_logits=True).logits[:, -1].double(), -1)
+    joint = (p1[:, None] * p2).flatten().numpy()
+    return joint / joint.sum()
+
+
+def _sharpen(drafter: torch.nn.Module) -> torch.nn.Module:
+    """Make drafts overlap the target more and confidences depend strongly on the previous draft."""
+    with torch.no_grad():
+        drafter.lm_head.weight.mul_(10)
+        if getattr(drafter, "markov_head", None) is not None:
+            drafter.markov_head.markov_w1.weight.mul_(100)
+            drafter.confidence_head.proj.weight.mul_(3)
+    return drafter
+
+
+@pytest.mark.parametrize("case", ["dspark-fixed", "dspark-scheduler", "dspark-threshold", "eagle3-fixed"])
+def test_sampled_joint_of_first_two_tokens_matches_target(case, make_drafter, tiny_target_config):
+    name, policy_name = case.rsplit("-", 1)
+    cfg = tiny_target_config(vocab=V, layers=2)
+    target = FrozenTarget.from_config(cfg, [0, 1])
+    drafter = _sharpen(make_drafter(f"{name}-vanilla" if name == "dspark" else name, cfg, block_size=3,
+                                    layer_ids=(0, 1)))
+    # With CHUNK requests, verifying a whole first position is worth it, later drafts only for some requests.
+    steep = SpsTable([CHUNK, 2 * CHUNK, 4 * CHUNK], [1.0, 1.0, 0.787])
+    policy = {"fixed": FixedLength(), "scheduler": PrefixScheduler(steep), "threshold": ConfidenceThreshold(0.45)}
+    engine = SpeculativeEngine(target, drafter, gamma=3, policy=policy[policy_name])
+    counts = np.zeros(V * V)
+    offered = []
+    for seed in range(SAMPLES // CHUNK):
+        out = engine.generate([PROMPT] * CHUNK, max_new_tokens=2, temperature=1.0,
+                              generator=torch.Generator().manual_seed(seed))
+        tokens = np.array(out.tokens)
+        np.add.at(counts, tokens[:, 0] * V + tokens[:, 1], 1)
+        offered.append(out.rounds.proposal_length)
+    lengths = torch.bincount(torch.cat(offered), minlength=4)
+    if policy_name == "fixed":
+        assert lengths[:3].sum() == 0
+    else:
+        assert (lengths > 0).sum() >= 2, lengths  # blocks really are truncated, to different lengths
+    expected = _exact_joint(target) * counts.sum()
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    assert chisquare(observed, expected).pvalue > 0.01
