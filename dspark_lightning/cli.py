@@ -22,6 +22,12 @@ class DSparkLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
         parser.link_arguments("model.target", "data.init_args.target")
 
+    def before_fit(self) -> None:
+        """Keep the exact resolved config in every checkpoint (exports put it in the model card)."""
+        parser = self._parser(self.subcommand)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.model.training_config_yaml = parser.dump(config, skip_none=False, skip_check=True)
+
     def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201
         """Every run ends with a printed summary (and ``summary.json``) unless the config adds its own."""
         from .modules.summary import RunSummary
@@ -101,4 +107,12 @@ def main(argv: list[str] | None = None) -> None:
 
     if argv[0] not in COMMANDS:
         raise SystemExit(f"Unknown command {argv[0]!r}; choose one of {(*LIGHTNING_COMMANDS, *COMMANDS)}.")
-    auto_cli({argv[0]: _load(COMMANDS[argv[0]])}, args=argv)
+    auto_cli({argv[0]: _load(COMMANDS[argv[0]])}, args=[argv[0], *map(_underscore_option, argv[1:])])
+
+
+def _underscore_option(arg: str) -> str:
+    """``--repo-id x`` / ``--dry-run`` as ``--repo_id`` / ``--dry_run`` (jsonargparse names options after parameters)."""
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + sep + value

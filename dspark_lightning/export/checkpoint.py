@@ -255,7 +255,8 @@ def read_checkpoint(ckpt: str | Path, target_dir: str | Path | None = None) -> T
     check_state_dict(config, state_dict, f"Checkpoint {path}")
     return TrainedDrafter(
         config=config, state_dict=state_dict, target_config=target_config, target=target,
-        hyper_parameters=hparams, training_config=_training_config_text(path, drafter),
+        hyper_parameters=hparams,
+        training_config=info.get("training_config") or _training_config_text(path, drafter),
         source=path.name, global_step=data.get("global_step"),
     )
 

@@ -129,7 +129,8 @@ class DrafterModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["decoding"])
         self.target_config = target
-        self.drafter_config = drafter.resolve(load_target_config(target))
+        self.target_hf_config = load_target_config(target)
+        self.drafter_config = drafter.resolve(self.target_hf_config)
         self.drafter = build_drafter(self.drafter_config)
         self.loss_weights = loss or LossWeights()
         self.optimizer_factory = optimizer
@@ -138,6 +139,16 @@ class DrafterModule(L.LightningModule):
         self.copy_target_embeddings = copy_target_embeddings
         self.decoding = decoding
         self.__dict__["target"] = None  # frozen target, kept out of the state dict and the optimizer
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Self-describing checkpoints: `export` needs neither the target's files nor network access
+        # (dspark_lightning.export.checkpoint.EXPORT_INFO_KEY).
+        checkpoint["dspark_lightning"] = {
+            "drafter_config": self.drafter_config.to_dict(),
+            "target_config": {k: v for k, v in self.target_hf_config.to_diff_dict().items()
+                              if not k.startswith("_") and k != "transformers_version"},
+            "training_config": getattr(self, "training_config_yaml", None),  # set by the CLI
+        }
 
     # ------------------------------------------------------------------ target
     def _load_target(self) -> FrozenTarget:

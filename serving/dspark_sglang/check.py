@@ -20,7 +20,7 @@ Steps (each failure is a line naming the problem; exit code 1 if there is any, 0
    head is built) and ``compact`` (the confidence head is built and required).
 5. Numerics on random inputs, in float32, against :mod:`dspark_sglang.reference`: the Markov bias of every step
    of a block (vanilla / gated / rnn), the confidence (with the export's STS temperatures if it ships
-   ``sts.json``), and the context projection ``hidden_norm(fc(.))``. Eagle3: the hot-token map from ``d2t``.
+   ``calibration.json``), and the context projection ``hidden_norm(fc(.))``. Eagle3: the hot-token map from ``d2t``.
 
 Not covered on CPU: the draft forward through attention, the worker, CUDA graphs and kernels (SGLang needs a GPU
 for those), see serving/README.md.
@@ -497,6 +497,21 @@ def check_numerics(info: ExportInfo, model: Any, tensors: dict[str, Any], report
                 report.note(f"confidence ({label}) equals the reference.")
 
 
+def plain_rope_theta(cfg: dict[str, Any]) -> float | None:
+    """The RoPE base when the config asks for plain (unscaled, full-width) RoPE, else None."""
+    if float(cfg.get("partial_rotary_factor") or 1.0) != 1.0:
+        return None
+    theta = cfg.get("rope_theta", 10000.0)
+    for key in ("rope_parameters", "rope_scaling"):  # transformers 5 writes rope_parameters
+        spec = cfg.get(key)
+        if not spec:
+            continue
+        if spec.get("rope_type", spec.get("type", "default")) != "default" or spec.get("partial_rotary_factor"):
+            return None
+        theta = spec.get("rope_theta", theta)
+    return float(theta)
+
+
 def check_context_kv(info: ExportInfo, model: Any, w: dict[str, Any], context: Any, report: Report) -> None:
     """Per-layer K/V that SGLang writes into the draft KV cache for the context (its per-layer fallback path
     kv_proj_only -> apply_k_norm -> apply_k_rope) against the reference."""
@@ -505,11 +520,12 @@ def check_context_kv(info: ExportInfo, model: Any, w: dict[str, Any], context: A
     from dspark_sglang import reference
 
     cfg = info.config
-    if cfg.get("rope_scaling") or cfg.get("partial_rotary_factor", 1.0) != 1.0 or cfg.get("rope_parameters"):
-        report.note("context K/V not compared: the reference implements plain RoPE only (rope_scaling is set).")
+    theta = plain_rope_theta(cfg)
+    if theta is None:
+        report.note("context K/V not compared: the reference implements plain RoPE only (this config scales it).")
         return
     positions = torch.arange(context.shape[0]) * 7 + 3
-    eps, theta = float(cfg.get("rms_norm_eps", 1e-6)), float(cfg.get("rope_theta", 10000.0))
+    eps = float(cfg.get("rms_norm_eps", 1e-6))
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         k, v = attn.kv_proj_only(context)

@@ -36,8 +36,10 @@ PLUGIN_ARCHITECTURES = ("DSparkLightningDraftModel", "DFlashLightningDraftModel"
 # dspark_config.checkpoint_bundles_dspark_draft).
 BUNDLED_DSPARK_KEYS = ("dspark_block_size", "dspark_markov_rank", "dspark_noise_token_id", "dspark_target_layer_ids")
 DSPARK_SUBFOLDER = "dspark"
-# Calibration files the launcher passes on when the export ships them (first found wins).
-STS_FILENAMES = ("sts.json", "confidence_sts.json", "sts_calibration.json")
+# STS calibration files ({"temperatures": [gamma floats]}) the launcher passes on when the export ships them, first
+# found wins: dspark_lightning's exporter writes calibration.json (dspark_calibration.json at the top of a bundled
+# attached checkpoint).
+STS_FILENAMES = ("calibration.json", "sts.json", "dspark_calibration.json")
 SPS_FILENAMES = ("sps.json", "sps_table.json")
 # SGLang's default block size for a DFlash draft whose config has none (models/dflash.py).
 DFLASH_DEFAULT_BLOCK_SIZE = 16

@@ -7,7 +7,7 @@ What it sets (SGLang 0.5.23, reference/sglang.md §6-7):
 - DSpark: ``--speculative-algorithm DSPARK``, ``--speculative-dspark-block-size`` gamma (config ``block_size``) and
   ``--speculative-num-draft-tokens`` gamma + 1; env ``SGLANG_RAGGED_VERIFY_MODE`` = ``--mode``. With
   confidence scheduling (``cap-accept``/``compact``, which need the exported confidence head) also the SPS cost
-  table (``--sps-table``, or ``sps.json`` in the export) and the STS calibration (``--sts``, or ``sts.json`` in
+  table (``--sps-table``, or ``sps.json`` in the export) and the STS calibration (``--sts``, or ``calibration.json`` in
   the export).
 - DFlash: ``--speculative-algorithm DFLASH``, ``--speculative-num-draft-tokens`` = config ``block_size``.
 - Eagle3: ``--speculative-algorithm EAGLE3``; steps/top-k/draft tokens are left to SGLang unless passed.
@@ -64,7 +64,7 @@ def build_command(drafter: str | Path, target: str | Path | None = None, *, mode
             caps acceptance at the schedule (measurement).
         sps_table: SPS cost table JSON (``python -m sglang.benchmark.dspark_sps_profiler``); default: ``sps.json``
             in the export, if present.
-        sts: STS temperature calibration JSON; default: ``sts.json`` in the export, if present.
+        sts: STS temperature calibration JSON; default: ``calibration.json`` (or ``sts.json``) in the export, if present.
         extra: Further ``sglang.launch_server`` arguments; they override the flags set here.
         python: Interpreter that has SGLang installed.
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="static", choices=MODES,
                         help="DSpark SGLANG_RAGGED_VERIFY_MODE (default static; compact = confidence-scheduled)")
     parser.add_argument("--sps-table", help="SPS cost table for cap-accept/compact (default: sps.json in the export)")
-    parser.add_argument("--sts", help="STS calibration JSON for cap-accept/compact (default: sts.json in the export)")
+    parser.add_argument("--sts", help="STS calibration JSON for cap-accept/compact (default: calibration.json in the export)")
     parser.add_argument("--python", default=sys.executable, help="interpreter with SGLang (default: this one)")
     parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     args, extra = parser.parse_known_args(argv)

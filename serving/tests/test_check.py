@@ -156,9 +156,9 @@ def test_markov_rank_zero_fails_with_the_fix(exports: Path, tmp_path: Path) -> N
 
 def test_wrong_sts_length_fails(exports: Path, tmp_path: Path) -> None:
     path = _copy(exports, "dspark_sts", tmp_path)
-    (path / "sts.json").write_text(json.dumps({"temperatures": [1.0, 2.0]}))
+    (path / "calibration.json").write_text(json.dumps({"temperatures": [1.0, 2.0]}))
     report = check_export(path)
-    assert "has 2 temperatures; SGLang requires gamma=4" in _problems(report)
+    assert "calibration.json has 2 temperatures; SGLang requires gamma=4" in _problems(report)
 
 
 def test_dflash_export_under_dspark_name_fails(exports: Path, tmp_path: Path) -> None:

@@ -130,7 +130,8 @@ def write_dspark(path: Path, *, markov_head_type: str = "vanilla", markov_rank: 
 
     A Llama target has no q/k norm: the export then selects the plugin's ``DSparkLightningDraftModel`` with
     ``"qk_norm": false`` (unless ``architecture`` says otherwise). ``zero_markov`` writes an all-zero Markov head
-    (how a DSpark without a Markov head is exported for SGLang); ``sts`` writes ``sts.json`` temperatures.
+    (how a DSpark without a Markov head is exported for SGLang); ``sts`` writes the STS temperatures to
+    ``calibration.json`` as dspark_lightning's exporter does.
     """
     g = geometry or (TINY if target_model_type == "qwen3" else TINY_LLAMA)
     gen = torch.Generator().manual_seed(seed)
@@ -165,7 +166,7 @@ def write_dspark(path: Path, *, markov_head_type: str = "vanilla", markov_rank: 
         t["confidence_head.proj.bias"] = _rand(gen, 1)
     _write(path, config, t)
     if sts is not None:
-        (path / "sts.json").write_text(json.dumps({"temperatures": sts}))
+        (path / "calibration.json").write_text(json.dumps({"temperatures": sts}))
     return path
 
 
