@@ -8,7 +8,7 @@ PIP := $(PYTHON) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := test
-.PHONY: venv test test-gpu demo lint clean
+.PHONY: venv test test-gpu test-serving demo lint clean
 
 # Keep torch to 1 intra-op thread (2 threads + loader workers oversubscribe small CPUs), never
 # touch the Hub from tests, and plot without a display.
@@ -37,8 +37,21 @@ test: venv
 test-gpu: venv
 	$(PYTHON) -m pytest -q -m gpu --durations=15
 
+# The main job on the built-in default: a small DSpark drafter trained online against the real
+# SmolLM2-135M-Instruct on the packaged conversations (CPU, both cores); prints losses, accept rates and paths.
+demo: export OMP_NUM_THREADS = 2
+demo: export HF_HUB_OFFLINE = 1
+demo: export TOKENIZERS_PARALLELISM = false
 demo: venv
-	$(PYTHON) -m dspark_lightning demo
+	$(PYTHON) -m dspark_lightning fit --config configs/demo/smollm2_dspark_cpu.yaml
+
+# SGLang 0.5.23 in its own venv (serving/install.sh: CPU torch, sglang --no-deps, pinned light deps; idempotent).
+test-serving: export OMP_NUM_THREADS = 1
+test-serving: export HF_HUB_OFFLINE = 1
+test-serving: export TOKENIZERS_PARALLELISM = false
+test-serving:
+	PY=$(PY) serving/install.sh
+	cd serving && .venv/bin/python -m pytest -q --durations=10
 
 lint: venv
 	$(PYTHON) -m ruff check .

@@ -317,7 +317,8 @@ def _run_hf(target: TargetConfig, tokenizer_path: str | None, items: list[tuple[
                                                        **sampling.template_kwargs()) for b in active]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
                 with torch.no_grad():
-                    generated = model.generate(**enc, **gen_kwargs)
+                    generated = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                               **gen_kwargs)
                 for row, b in enumerate(active):
                     new = generated[row, enc["input_ids"].shape[1]:].tolist()
                     stopped = eos in new

@@ -15,20 +15,28 @@ Two layouts, the two SGLang's ``_handle_dspark`` auto-detects when ``--speculati
 
 Target files are hard-linked (copied across filesystems) and never rewritten: ``config.json`` and the index are
 written as new files in the copy. How the draft is checked, named and described inside the target is an
-:class:`AttachedFlavour` (``generic`` here); a DeepSeek-V4 flavour subclasses it (see its docstring).
+:class:`AttachedFlavour`: ``generic`` here (Qwen3/Llama targets, draft tensors ``dspark.<name>``) and
+``deepseek_v4`` in ``export/v4.py`` (``dspark_v4`` drafters, official ``mtp.<stage>.*`` tensors, bundled only).
+A flavour may claim tensor names the target already holds (DeepSeek-V4's own MTP module is ``mtp.0.*``): those are
+left out of the copy, and a target shard that mixes them with other tensors is written anew, under another name,
+without them (the original file is never modified).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from ..drafters import DrafterConfig
+from ..drafters.config import V4_MODEL_TYPES
 from .checkpoint import TrainedDrafter
 from .common import check_geometry, drafter_config_from_json, exported_by, heads
 from .fileio import (
@@ -47,11 +55,19 @@ from .sglang import check_servable, prepare
 
 SUBFOLDER = "dspark"
 DRAFT_SHARD = "model-dspark-draft.safetensors"
+DRAFT_SHARD_STEM = "model-dspark-draft"
+# Draft shards larger than this are split (``model-dspark-draft-00001-of-0000N.safetensors``), as HF checkpoints are.
+MAX_DRAFT_SHARD_BYTES = 5 * 1024**3
+# A target shard that mixes tensors the flavour drops with tensors it keeps is rewritten as ``<stem>-<suffix>``.
+REWRITTEN_SUFFIX = "-without-mtp.safetensors"
 LAYOUTS = ("subfolder", "bundled")
 # Keys whose presence in a target config.json makes SGLang treat the checkpoint as carrying a bundled draft.
 SGLANG_BUNDLE_KEYS = ("dspark_block_size", "dspark_markov_rank", "dspark_noise_token_id", "dspark_target_layer_ids")
-_EMBED_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight", "model.language_model.embed_tokens.weight")
-_HEAD_NAMES = ("lm_head.weight",)
+# Official DeepSeek-V4 checkpoints name them ``embed.weight`` / ``head.weight`` (transformers' save_pretrained of V4
+# writes ``model.embed_tokens.weight`` / ``head.weight``).
+_EMBED_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight", "model.language_model.embed_tokens.weight",
+                "embed.weight")
+_HEAD_NAMES = ("lm_head.weight", "head.weight")
 
 
 class AttachedFlavour:
@@ -59,20 +75,25 @@ class AttachedFlavour:
 
     This generic flavour serves Qwen3/Llama-style targets: the draft is an SGLang DSPARK draft (checked with
     ``sglang.prepare``), bundled tensors are named ``dspark.<drafter name>``, and the target ``config.json`` gets
-    SGLang's ``dspark_*`` keys plus ours. A flavour for another family subclasses it and overrides what differs;
-    for DeepSeek-V4: ``layouts = ("bundled",)``, :meth:`check` (algorithm ``dspark_v4``, the target's own MTP module
-    must not stay readable), :meth:`bundle_tensors` / :meth:`unbundle` with ``drafters.dspark_v4.v4_to_mtp_names`` /
-    ``mtp_to_v4_names`` (``mtp.<stage>.*``), :meth:`is_bundled` (``mtp.``), :meth:`config_keys` with
-    ``v4_config_keys``; then ``FLAVOURS["deepseek_v4"] = DeepseekV4Flavour()``.
+    SGLang's ``dspark_*`` keys plus ours. A flavour for another family subclasses it and overrides what differs:
+    ``export/v4.py``'s ``DeepseekV4Flavour`` (``layouts = ("bundled",)``, ``mtp.<stage>.*`` names, the target's own
+    MTP module dropped through :attr:`drops_target_tensors`), registered in :data:`FLAVOURS` on import.
     """
 
     name = "generic"
     layouts: tuple[str, ...] = LAYOUTS
     weight_prefix = "dspark."
+    # True: target tensors that :meth:`is_bundled` claims are the target's own (not a draft) and are left out of the
+    # copy (with a warning saying ``dropped_what``); False: such a target is refused as already carrying a draft.
+    drops_target_tensors = False
+    dropped_what = ""
 
     def check(self, trained: TrainedDrafter, target_config: dict[str, Any], target_dir: Path) -> None:
         """Raise unless this drafter can be attached to this target (algorithm, geometry, servability)."""
         cfg = trained.config
+        if cfg.algorithm == "dspark_v4":
+            raise ValueError("A dspark_v4 drafter is attached with flavour 'deepseek_v4' (the default for it), not "
+                             f"{self.name!r}.")
         if cfg.algorithm != "dspark":
             raise ValueError(f"--format attached needs a DSpark drafter (SGLang auto-detects DSpark drafts only); "
                              f"this one is {cfg.algorithm!r}: use --format sglang or hf.")
@@ -133,6 +154,19 @@ class AttachedFlavour:
 
 
 FLAVOURS: dict[str, AttachedFlavour] = {"generic": AttachedFlavour()}
+
+
+def flavours() -> dict[str, AttachedFlavour]:
+    """The registered flavours; ``export/v4.py`` registers ``deepseek_v4`` when imported (done here, on first use,
+    so importing the export package does not import transformers' DeepSeek-V4 code)."""
+    from . import v4  # noqa: F401
+
+    return FLAVOURS
+
+
+def default_flavour(cfg: DrafterConfig) -> str:
+    """``deepseek_v4`` for a ``dspark_v4`` drafter, else ``generic``."""
+    return "deepseek_v4" if cfg.algorithm == "dspark_v4" else "generic"
 
 
 # ---------------------------------------------------------------------- the target checkpoint
@@ -206,15 +240,22 @@ def _check_heads_match(trained: TrainedDrafter, target: dict[str, Tensor], targe
 
 # ---------------------------------------------------------------------- writing
 def write_attached(trained: TrainedDrafter, stage: Path, *, target_dir: str | Path, dtype: str,
-                   layout: str = "subfolder", flavour: str = "generic") -> Path:
+                   layout: str | None = None, flavour: str | None = None) -> Path:
     """Write the target copy with the draft attached into ``stage``; returns where the draft's card belongs.
+
+    Args:
+        layout: ``subfolder`` or ``bundled`` (default: the flavour's first layout).
+        flavour: how the draft is named inside the target (default: :func:`default_flavour`).
 
     Raises:
         ValueError: unknown layout/flavour, a drafter that does not fit the target, or an already-attached target.
     """
-    if flavour not in FLAVOURS:
-        raise ValueError(f"flavour={flavour!r} is unknown; registered flavours are {sorted(FLAVOURS)}.")
-    style = FLAVOURS[flavour]
+    flavour = flavour or default_flavour(trained.config)
+    registry = flavours()
+    if flavour not in registry:
+        raise ValueError(f"flavour={flavour!r} is unknown; registered flavours are {sorted(registry)}.")
+    style = registry[flavour]
+    layout = layout or style.layouts[0]
     if layout not in style.layouts:
         raise ValueError(f"attached_layout={layout!r} is not available for the {flavour} flavour; choose one of "
                          f"{style.layouts}.")
@@ -241,10 +282,60 @@ def write_attached(trained: TrainedDrafter, stage: Path, *, target_dir: str | Pa
             "DeepSeek-V4 targets, and its Qwen3/Llama loaders reject the extra tensors in the index. Use "
             "attached_layout='subfolder' to serve this target with SGLang.", stacklevel=2,
         )
-    named = cast_floating(style.bundle_tensors(trained, target_config, dtype), cast)
-    _link_tree(target_dir, stage, skip={"config.json", SAFE_INDEX})
-    _write_bundled(stage, target_dir, named, {**target_config, **style.config_keys(trained.config)}, style)
+    named = style.bundle_tensors(trained, target_config, dtype)
+    mapping = weight_map(target_dir)
+    plan = _plan_target_files(target_dir, mapping, named, style)
+    _link_tree(target_dir, stage, skip={"config.json", SAFE_INDEX, *plan.not_linked})
+    _write_bundled(stage, target_dir, mapping, plan, named, cast,
+                   {**target_config, **style.config_keys(trained.config)}, style)
     return stage
+
+
+@dataclasses.dataclass
+class _TargetPlan:
+    """What happens to the target's tensors in a bundled copy: ``dropped`` names (claimed by the flavour as the
+    target's own, e.g. V4's MTP module), shards left out (``removed``: only dropped tensors) or written anew
+    without them (``rewritten``: old file -> new file); every other shard is hard-linked."""
+
+    dropped: set[str]
+    removed: set[str]
+    rewritten: dict[str, str]
+
+    @property
+    def not_linked(self) -> set[str]:
+        return self.removed | set(self.rewritten)
+
+
+def _plan_target_files(target_dir: Path, mapping: dict[str, str], named: dict[str, Tensor],
+                       style: AttachedFlavour) -> _TargetPlan:
+    files = set(mapping.values())
+    claimed = sorted(n for n in mapping if style.is_bundled(n) or n in named)
+    ours = sorted(f for f in files if Path(f).name.startswith(DRAFT_SHARD_STEM))
+    if ours or (claimed and not style.drops_target_tensors):
+        raise ValueError(f"The target {target_dir} already has tensors {claimed[:5]} / files {ours[:3]} named like "
+                         f"a bundled draft; give the plain target checkpoint.")
+    dropped = set(claimed)
+    plan = _TargetPlan(dropped=dropped, removed=set(), rewritten={})
+    if not dropped:
+        return plan
+    for file in sorted({mapping[n] for n in dropped}):
+        if all(n in dropped for n, f in mapping.items() if f == file):
+            plan.removed.add(file)
+            continue
+        new = re.sub(r"\.safetensors$", "", file) + REWRITTEN_SUFFIX
+        if new in files or (target_dir / new).exists():
+            raise ValueError(f"Cannot write {file} without the target's {style.dropped_what}: {new} already exists "
+                             f"in {target_dir}.")
+        plan.rewritten[file] = new
+    shown = ", ".join(sorted(dropped)[:3]) + (", ..." if len(dropped) > 3 else "")
+    actions = [f"{f} (only such tensors) is not copied" for f in sorted(plan.removed)]
+    actions += [f"{old} is written anew as {new} without them" for old, new in sorted(plan.rewritten.items())]
+    warnings.warn(
+        f"The target {target_dir} holds {len(dropped)} tensors under the draft's names ({shown}): "
+        f"{style.dropped_what}. They are left out of the copy: {'; '.join(actions)}. The original files are not "
+        f"modified; the other target shards are hard links.", stacklevel=3,
+    )
+    return plan
 
 
 def _link_tree(src: Path, dst: Path, skip: set[str]) -> None:
@@ -253,31 +344,55 @@ def _link_tree(src: Path, dst: Path, skip: set[str]) -> None:
         rel = Path(root).relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True)
         for file in files:
-            if rel == Path(".") and file in skip:
+            if (rel / file).as_posix() in skip:
                 continue
             link_or_copy(Path(root) / file, dst / rel / file)
 
 
-def _write_bundled(stage: Path, target_dir: Path, named: dict[str, Tensor], config: dict[str, Any],
-                   style: AttachedFlavour) -> None:
-    """New shard + index entries + config keys; the target's shards stay as linked."""
-    if (target_dir / SAFE_INDEX).is_file():
-        index = read_json(target_dir / SAFE_INDEX)
-        total = int((index.get("metadata") or {}).get("total_size") or 0)
-    else:
-        sizes = tensor_nbytes(target_dir / SAFE_WEIGHTS)
-        index = {"metadata": {}, "weight_map": dict.fromkeys(sizes, SAFE_WEIGHTS)}
-        total = sum(sizes.values())
-    clash = sorted(set(named) & set(index["weight_map"]))
-    if clash or DRAFT_SHARD in set(index["weight_map"].values()):
-        raise ValueError(f"The target {target_dir} already has tensors {clash[:5]} / a {DRAFT_SHARD}; give the plain "
-                         f"target checkpoint.")
-    total += save_tensors(named, stage / DRAFT_SHARD, metadata={"dspark_flavour": style.name})
-    index["weight_map"].update(dict.fromkeys(named, DRAFT_SHARD))
-    index.setdefault("metadata", {})["total_size"] = total
+def _draft_shards(named: dict[str, Tensor], cast: torch.dtype, max_bytes: int) -> list[list[str]]:
+    """Tensor names per draft shard, in order, each shard at most ``max_bytes`` (a larger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in named.items():
+        nbytes = t.numel() * (cast.itemsize if t.is_floating_point() else t.element_size())
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_bundled(stage: Path, target_dir: Path, mapping: dict[str, str], plan: _TargetPlan,
+                   named: dict[str, Tensor], cast: torch.dtype, config: dict[str, Any], style: AttachedFlavour,
+                   max_shard_bytes: int | None = None) -> None:
+    """Draft shard(s) + index entries + config keys; the target's shards stay as linked (see :class:`_TargetPlan`)."""
+    index = read_json(target_dir / SAFE_INDEX) if (target_dir / SAFE_INDEX).is_file() else {"metadata": {}}
+    new_map = {n: plan.rewritten.get(f, f) for n, f in mapping.items() if n not in plan.dropped}
+    for old, new in sorted(plan.rewritten.items()):
+        kept = [n for n, f in mapping.items() if f == old and n not in plan.dropped]
+        with safe_open(str(target_dir / old), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+        save_tensors(read_named(target_dir, kept, mapping), stage / new, metadata=metadata)
+    shards = _draft_shards(named, cast, max_shard_bytes or MAX_DRAFT_SHARD_BYTES)
+    for i, names in enumerate(shards):
+        file = DRAFT_SHARD if len(shards) == 1 else f"{DRAFT_SHARD_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_tensors(cast_floating({n: named[n] for n in names}, cast), stage / file,
+                     metadata={"dspark_flavour": style.name})
+        new_map.update(dict.fromkeys(names, file))
+    index["weight_map"] = new_map
+    index.setdefault("metadata", {})["total_size"] = sum(
+        sum(tensor_nbytes(stage / file).values()) for file in sorted(set(new_map.values())))
     write_json(stage / SAFE_INDEX, index)
     write_json(stage / "config.json", config)
     verify_index(stage)
+
+
+def bundled_files(directory: Path) -> tuple[str, ...]:
+    """The files a bundled export wrote at the top level of the target copy (for the model card)."""
+    files = set(read_json(directory / SAFE_INDEX)["weight_map"].values())
+    written = sorted(f for f in files if Path(f).name.startswith(DRAFT_SHARD_STEM) or f.endswith(REWRITTEN_SUFFIX))
+    return (*written, "config.json", SAFE_INDEX)
 
 
 # ---------------------------------------------------------------------- reading back
@@ -288,13 +403,22 @@ def is_attached(directory: Path) -> bool:
     return config_path.is_file() and any(k in read_json(config_path) for k in SGLANG_BUNDLE_KEYS)
 
 
+def bundle_flavour(config: dict[str, Any]) -> str:
+    """Flavour of a bundled checkpoint: its ``dspark_flavour`` key (ours), else by the target family (a DeepSeek-V4
+    checkpoint bundled by others carries ``mtp.<stage>.*`` tensors)."""
+    if config.get("dspark_flavour"):
+        return str(config["dspark_flavour"])
+    return "deepseek_v4" if config.get("model_type") in V4_MODEL_TYPES else "generic"
+
+
 def read_bundled(directory: Path) -> tuple[DrafterConfig, dict[str, Tensor]]:
     """Drafter config and tensors of a bundled attached checkpoint (without the target's embedding/head)."""
     config = read_json(directory / "config.json")
-    style = FLAVOURS.get(config.get("dspark_flavour", "generic"))
+    name = bundle_flavour(config)
+    style = flavours().get(name)
     if style is None:
-        raise ValueError(f"{directory} bundles a draft of flavour {config.get('dspark_flavour')!r}, which is not "
-                         f"registered; known: {sorted(FLAVOURS)}.")
+        raise ValueError(f"{directory} bundles a draft of flavour {name!r}, which is not registered; known: "
+                         f"{sorted(FLAVOURS)}.")
     mapping = weight_map(directory)
     tensors = read_named(directory, sorted(n for n in mapping if style.is_bundled(n)), mapping)
     return style.drafter_config(config), style.unbundle(tensors)

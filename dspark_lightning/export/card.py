@@ -21,7 +21,7 @@ from .checkpoint import TrainedDrafter, plain
 from .common import package_version
 from .fileio import read_json
 
-TITLES = {"dspark": "DSpark", "dflash": "DFlash", "eagle3": "Eagle3"}
+TITLES = {"dspark": "DSpark", "dflash": "DFlash", "eagle3": "Eagle3", "dspark_v4": "DSpark (DeepSeek-V4)"}
 FORMAT_NAMES = {"hf": "Hugging Face (remote code)", "deepspec": "DeepSpec", "sglang": "SGLang",
                 "attached": "attached to the target checkpoint"}
 
@@ -129,6 +129,11 @@ def summary(trained: TrainedDrafter, inputs: CardInputs) -> str:
     else:
         facts.append(f"block size γ = {cfg.block_size} draft tokens per round ({cfg.block_layout} block layout), "
                      f"mask token {cfg.mask_token_id}")
+    if cfg.algorithm == "dspark_v4":
+        g = cfg.v4_geometry
+        facts.append(f"draft stages: DeepSeek-V4 blocks (mHC x{g['hc_mult']}, sliding-window attention of "
+                     f"{g['sliding_window']}, MoE {g['num_experts_per_tok']} of {g['n_routed_experts']} routed experts "
+                     f"+ {g['n_shared_experts']} shared), bundled as `mtp.<stage>.*` tensors")
     if cfg.has_markov_head:
         facts.append(f"Markov head: {cfg.markov_head_type}, rank {cfg.markov_rank}")
     if cfg.has_confidence_head:
@@ -175,5 +180,14 @@ def _files_text(inputs: CardInputs) -> str:
             "calibration.json": "confidence calibration (per-position temperatures)",
             "validation_report.json": "the validation report the table above comes from",
             "training_config.yaml": "the training config"}
-    rows = [f"- `{f}`: {what.get(f, 'remote code' if f.endswith('.py') else 'file')}" for f in sorted(inputs.files)]
+    def describe(f: str) -> str:
+        if f in what:
+            return what[f]
+        if f.startswith("model-dspark-draft"):
+            return "a shard of the draft weights (bundled in the target)"
+        if f.endswith("-without-mtp.safetensors"):
+            return "a target shard written anew without the target's own MTP module (the draft takes its names)"
+        return "remote code" if f.endswith(".py") else "file"
+
+    rows = [f"- `{f}`: {describe(f)}" for f in sorted(inputs.files)]
     return "\n".join(rows) if rows else "See the repository."

@@ -23,14 +23,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..drafters import DFlash, DrafterConfig, DSpark, Eagle3
+from .. import drafters
+from ..drafters import DrafterConfig
+from ..drafters.config import V4_MODEL_TYPES
 from .fileio import read_json
 
 OUR_PACKAGE = "dspark_lightning."
 # Optional self-describing section a checkpoint may carry (see docs/export.md): resolved drafter config and
 # the target's HF config, so an export needs neither the target files nor network access.
 EXPORT_INFO_KEY = "dspark_lightning"
-_CLASSES = {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}
+# Drafter class of each algorithm, by name in ``dspark_lightning.drafters`` (DSparkV4, built from transformers'
+# DeepSeek-V4 blocks, is imported only when first built).
+_CLASSES = {"dspark": "DSpark", "dflash": "DFlash", "eagle3": "Eagle3", "dspark_v4": "DSparkV4"}
 
 
 @dataclass
@@ -67,12 +71,7 @@ class TrainedDrafter:
 # ---------------------------------------------------------------------- drafters
 def build_drafter(config: DrafterConfig, device: torch.device | str | None = None) -> nn.Module:
     """Instantiate the drafter class of ``config.algorithm`` (``device="meta"`` builds it without memory)."""
-    if config.algorithm == "dspark_v4":  # transformers' DeepSeek-V4 blocks: imported only when built
-        from ..drafters.dspark_v4 import DSparkV4
-
-        cls = DSparkV4
-    else:
-        cls = _CLASSES[config.algorithm]
+    cls = getattr(drafters, _CLASSES[config.algorithm])
     with torch.device(device) if device is not None else contextlib.nullcontext():
         return cls(config)
 
@@ -250,7 +249,9 @@ def read_checkpoint(ckpt: str | Path, target_dir: str | Path | None = None) -> T
         target_config = info["target_config"]
     else:
         target_config = _target_config_from_hparams(target)
-    _check_vocab_geometry(target_config, state_dict, f"the target ({target_dir or 'recorded in the checkpoint'})")
+    where = f"the target ({target_dir or 'recorded in the checkpoint'})"
+    _check_family(drafter.get("algorithm"), target_config, where)
+    _check_vocab_geometry(target_config, state_dict, where)
     config = DrafterConfig.from_dict(drafter).resolve(namespace(target_config))
     check_state_dict(config, state_dict, f"Checkpoint {path}")
     return TrainedDrafter(
@@ -259,6 +260,18 @@ def read_checkpoint(ckpt: str | Path, target_dir: str | Path | None = None) -> T
         training_config=info.get("training_config") or _training_config_text(path, drafter),
         source=path.name, global_step=data.get("global_step"),
     )
+
+
+def _check_family(algorithm: str | None, target_config: dict[str, Any], where: str) -> None:
+    """A DeepSeek-V4 drafter (``dspark_v4``) goes with a DeepSeek-V4 target, and only with one."""
+    text = target_config.get("text_config") if isinstance(target_config.get("text_config"), dict) else target_config
+    model_type = text.get("model_type") or target_config.get("model_type")
+    if (algorithm == "dspark_v4") != (model_type in V4_MODEL_TYPES):
+        raise ValueError(
+            f"The checkpoint's drafter is algorithm {algorithm!r} but {where} has model_type={model_type!r}: "
+            f"'dspark_v4' drafters belong to DeepSeek-V4 targets (model_type in {V4_MODEL_TYPES}) and only they. Pass "
+            f"the target it was trained for as --target_dir."
+        )
 
 
 def _check_vocab_geometry(target_config: dict[str, Any], state_dict: dict[str, Tensor], where: str) -> None:

@@ -33,8 +33,8 @@ def export_checkpoint(
     calibration: str | None = None,
     report: str | None = None,
     target_dir: str | None = None,
-    attached_layout: Literal["subfolder", "bundled"] = "subfolder",
-    flavour: str = "generic",
+    attached_layout: Literal["subfolder", "bundled"] | None = None,
+    flavour: Literal["generic", "deepseek_v4"] | None = None,
     base_model: str | None = None,
     license: str = "apache-2.0",
     overwrite: bool = False,
@@ -53,8 +53,11 @@ def export_checkpoint(
         target_dir: the target's HF model directory. Required for ``attached``; otherwise it replaces the target
             config recorded in the checkpoint (geometry is checked against it).
         attached_layout: ``subfolder`` (``dspark/`` with its own config, any target) or ``bundled`` (draft tensors
-            in the target's safetensors index, ``dspark_*`` config keys).
-        flavour: naming of a bundled draft inside the target (``generic``; later ``deepseek_v4``).
+            in the target's safetensors index, ``dspark_*`` config keys). Default: ``subfolder``, and ``bundled``
+            for a ``dspark_v4`` drafter (the only layout SGLang serves for DeepSeek-V4).
+        flavour: how an attached draft is named inside the target: ``generic`` (Qwen3/Llama targets, ``dspark.*``)
+            or ``deepseek_v4`` (``dspark_v4`` drafters as the official ``mtp.<stage>.*`` tensors of a DeepSeek-V4
+            checkpoint). Default: chosen by the drafter's algorithm.
         base_model: Hub id of the target for the model card (default: the checkpoint's target when it is one).
         license: license of the model card front matter (match the base model's terms).
         overwrite: replace ``out`` if it exists and holds a model directory.
@@ -80,8 +83,8 @@ def write_export(
     calibration: str | None = None,
     report: str | None = None,
     target_dir: str | Path | None = None,
-    attached_layout: str = "subfolder",
-    flavour: str = "generic",
+    attached_layout: str | None = None,
+    flavour: str | None = None,
     base_model: str | None = None,
     license: str = "apache-2.0",
     overwrite: bool = False,
@@ -93,12 +96,14 @@ def write_export(
     out = Path(out)
     check_output(out, overwrite)
     cfg = trained.config
-    if cfg.algorithm not in ("dspark", "dflash", "eagle3"):
+    if cfg.algorithm == "dspark_v4" and fmt != "attached":
         raise ValueError(
-            f"Exporting a {cfg.algorithm!r} drafter is not implemented: a DeepSeek-V4 drafter goes into the V4 "
-            f"checkpoint through an attached flavour built on drafters.dspark_v4.v4_to_mtp_names / v4_config_keys "
-            f"(docs/export.md, 'DeepSeek-V4'), which is a later issue."
+            f"--format {fmt} cannot hold a 'dspark_v4' drafter: a DeepSeek-V4 DSpark draft is served bundled into the "
+            f"V4 checkpoint itself. Use --format attached --target_dir <the DeepSeek-V4 model directory> "
+            f"(docs/export.md, 'DeepSeek-V4')."
         )
+    if cfg.algorithm not in ("dspark", "dflash", "eagle3", "dspark_v4"):
+        raise ValueError(f"Exporting a {cfg.algorithm!r} drafter is not implemented.")
     calibration_data = load_calibration(calibration, cfg.block_size) if calibration else None
     report_data = load_report(report, cfg.algorithm) if report else None
     inputs = CardInputs(fmt=fmt, base_model=base_model or base_model_of(trained), license=license,
@@ -117,7 +122,7 @@ def write_export(
 
 
 def _write_layout(trained: TrainedDrafter, stage: Path, fmt: str, dtype: str, inputs: CardInputs,
-                  target_dir: str | Path | None, attached_layout: str, flavour: str) -> Path:
+                  target_dir: str | Path | None, attached_layout: str | None, flavour: str | None) -> Path:
     """Config and weights of layout ``fmt``; returns the directory the model card and extras belong in."""
     if fmt == "attached":
         inputs.serving = "DSPARK"
@@ -150,7 +155,7 @@ def _write_extras(trained: TrainedDrafter, stage: Path, card_dir: Path, inputs: 
     training = trained.training_config or yaml.safe_dump(plain(trained.hyper_parameters), sort_keys=False)
     (card_dir / f"{prefix}{TRAINING_CONFIG_FILE}").write_text(training, encoding="utf-8")
     if bundled:
-        inputs.files = (attached.DRAFT_SHARD, "config.json", "model.safetensors.index.json")
+        inputs.files = attached.bundled_files(stage)
     else:
         inputs.files = tuple(sorted([p.name for p in card_dir.iterdir() if p.is_file()] + ["README.md"]))
     card_name = "DSPARK.md" if bundled else "README.md"

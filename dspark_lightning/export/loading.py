@@ -118,7 +118,8 @@ def load_drafter(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Load an export (any of :data:`FORMATS`) into a ``DSpark`` / ``DFlash`` / ``Eagle3`` in eval mode.
+    """Load an export (any of :data:`FORMATS`) into a ``DSpark`` / ``DFlash`` / ``Eagle3`` in eval mode; a DeepSeek-V4
+    checkpoint carrying a bundled DSpark draft (``mtp.<stage>.*`` + ``dspark_*`` config keys) into a ``DSparkV4``.
 
     Args:
         directory: the export directory (for ``attached``, the target copy that carries the draft).

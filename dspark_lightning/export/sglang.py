@@ -53,7 +53,9 @@ FORBIDDEN_CONFIG_KEYS = ("auto_map", "quantization_config")
 
 
 def serving_of(cfg: DrafterConfig) -> str:
-    return {"dspark": "DSPARK", "dflash": "DFLASH", "eagle3": "EAGLE3"}[cfg.algorithm]
+    # dspark_v4: SGLang's DSPARK with DeepseekV4ForCausalLMDSpark, served only bundled into the V4 checkpoint
+    # (export/v4.py); the standalone checks and writers below do not apply to it.
+    return {"dspark": "DSPARK", "dflash": "DFLASH", "eagle3": "EAGLE3", "dspark_v4": "DSPARK"}[cfg.algorithm]
 
 
 # ---------------------------------------------------------------------- what SGLang loads

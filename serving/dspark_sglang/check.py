@@ -322,6 +322,14 @@ def _ignored_by_design(info: ExportInfo, name: str, mode: str, model: Any) -> st
     return None
 
 
+def _vocab_rows(model: Any, param_name: str) -> int | None:
+    """Rows a checkpoint fills in a vocabulary-parallel parameter, whose rows SGLang pads (to multiples of 64)."""
+    module = model.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else model
+    if hasattr(module, "org_vocab_size") and hasattr(module, "num_embeddings_padded"):
+        return int(module.org_vocab_size)
+    return None
+
+
 def _destination(params: dict[str, Any], model: Any, name: str, algorithm: str) -> tuple[str, Any] | None:
     """The parameter (and slice of it) an exported tensor belongs to in SGLang's model, or None."""
     bare = name.removeprefix("model.")
@@ -331,7 +339,10 @@ def _destination(params: dict[str, Any], model: Any, name: str, algorithm: str) 
     match = _STACKED_NAME.match(bare)
     if match is None:
         found = next((c for c in candidates if c in params), None)
-        return None if found is None else (found, params[found])
+        if found is None:
+            return None
+        rows = _vocab_rows(model, found)
+        return (found, params[found]) if rows is None else (f"{found}[:{rows}]", params[found][:rows])
     fused, shard = STACKED[match["part"]]
     fused_name = f"{match['pre']}{fused}.{match['leaf']}"
     found = next((c for c in (fused_name, f"model.{fused_name}") if c in params), None)
@@ -402,7 +413,8 @@ def check_weights(info: ExportInfo, model: Any, tensors: dict[str, Any], mode: s
     for pname, p in params.items():
         if pname in allowed or not p.is_floating_point():
             continue
-        count = int(torch.isnan(p).sum())
+        rows = _vocab_rows(model, pname)
+        count = int(torch.isnan(p if rows is None else p[:rows]).sum())  # padding rows stay unset
         if count:
             unset[pname] = f"{pname} {tuple(p.shape)} ({count} of {p.numel()} values)"
     qk = [n for n in unset if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight"))]
@@ -445,7 +457,7 @@ def check_numerics(info: ExportInfo, model: Any, tensors: dict[str, Any], report
             if not close(context, reference.project_context(w, x, eps)):
                 report.problem("project_target_hidden (hidden_norm(fc(.))) differs from the reference.")
             else:
-                check_context_kv(info, model, w, context, report)
+                check_context_kv(info, model, w, x, context, report)
         if info.algorithm != "DSPARK" or "markov_head.markov_w1.weight" not in w:
             return
         hidden = torch.randn(batch, k, hidden_size, generator=gen)
@@ -512,7 +524,8 @@ def plain_rope_theta(cfg: dict[str, Any]) -> float | None:
     return float(theta)
 
 
-def check_context_kv(info: ExportInfo, model: Any, w: dict[str, Any], context: Any, report: Report) -> None:
+def check_context_kv(info: ExportInfo, model: Any, w: dict[str, Any], target_hidden: Any, context: Any,
+                     report: Report) -> None:
     """Per-layer K/V that SGLang writes into the draft KV cache for the context (its per-layer fallback path
     kv_proj_only -> apply_k_norm -> apply_k_rope) against the reference."""
     import torch
@@ -540,6 +553,30 @@ def check_context_kv(info: ExportInfo, model: Any, w: dict[str, Any], context: A
                            f"from the reference: max |dK| {float((k.float() - ref_k).abs().max()):.3g}.")
             return
     report.note(f"context K/V of all {len(model.layers)} draft layers equal the reference.")
+    if not hasattr(model, "write_target_hidden_kv"):
+        return
+    # DSpark writes the context K/V itself (stacked or per-layer path; the fused kernel needs a GPU pool).
+    pool = _RecordingPool()
+    model.write_target_hidden_kv(target_hidden=target_hidden, pool=pool, positions=positions,
+                                 cache_loc=torch.arange(context.shape[0]))
+    for i, layer in enumerate(model.layers):
+        k, v = pool.writes.get(layer.self_attn.attn.layer_id, (None, None))
+        ref_k, ref_v = reference.context_kv(w, i, context, positions, layer.self_attn.head_dim, eps, theta)
+        if k is None or not (torch.allclose(k.float().view_as(ref_k), ref_k, rtol=1e-4, atol=1e-4)
+                             and torch.allclose(v.float().view_as(ref_v), ref_v, rtol=1e-4, atol=1e-4)):
+            report.problem(f"write_target_hidden_kv wrote a different K/V for draft layer {i} than the reference.")
+            return
+    report.note("write_target_hidden_kv (the DSpark prefill/commit KV injection) writes the reference K/V.")
+
+
+class _RecordingPool:
+    """Stands in for the draft KV pool: keeps what ``set_kv_buffer`` is given, per layer."""
+
+    def __init__(self) -> None:
+        self.writes: dict[int, tuple[Any, Any]] = {}
+
+    def set_kv_buffer(self, layer: Any, loc: Any, k: Any, v: Any, *scales: Any) -> None:
+        self.writes[layer.layer_id] = (k, v)
 
 
 def check_eagle3_maps(model: Any, tensors: dict[str, Any], report: Report) -> None:
@@ -587,8 +624,17 @@ def check_export(path: str | Path, *, target_vocab: int | None = None, target: s
     report.gamma = info.gamma
     check_config_keys(info, report)
     if info.layout == "attached-config":
-        report.note("draft bundled through dspark_* keys in the target config (DeepSeek-V4 form): only the launch "
-                    "command is checked; building DeepseekV4ForCausalLMDSpark needs the full target checkpoint.")
+        report.num_draft_tokens = info.num_draft_tokens
+        if info.architecture != "DeepseekV4ForCausalLM":
+            report.problem(
+                f"the draft is bundled through dspark_* keys in a {info.architecture} target config: SGLang 0.5.23 "
+                "loads that form only for DeepseekV4ForCausalLM targets (it remaps the draft class to "
+                "DeepseekV4ForCausalLMDSpark); for other targets export the attached checkpoint with the draft in a "
+                "dspark/ subfolder."
+            )
+        else:
+            report.note("DeepSeek-V4 bundled draft: only the configuration is checked; building "
+                        "DeepseekV4ForCausalLMDSpark needs the full target checkpoint.")
         return report
 
     _prepare_sglang(verbose)

@@ -64,7 +64,8 @@ def build_command(drafter: str | Path, target: str | Path | None = None, *, mode
             caps acceptance at the schedule (measurement).
         sps_table: SPS cost table JSON (``python -m sglang.benchmark.dspark_sps_profiler``); default: ``sps.json``
             in the export, if present.
-        sts: STS temperature calibration JSON; default: ``calibration.json`` (or ``sts.json``) in the export, if present.
+        sts: STS temperature calibration JSON; default: ``calibration.json`` (or ``sts.json``) in the export, if
+            present.
         extra: Further ``sglang.launch_server`` arguments; they override the flags set here.
         python: Interpreter that has SGLang installed.
 
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="static", choices=MODES,
                         help="DSpark SGLANG_RAGGED_VERIFY_MODE (default static; compact = confidence-scheduled)")
     parser.add_argument("--sps-table", help="SPS cost table for cap-accept/compact (default: sps.json in the export)")
-    parser.add_argument("--sts", help="STS calibration JSON for cap-accept/compact (default: calibration.json in the export)")
+    parser.add_argument("--sts", help="STS temperatures JSON for cap-accept/compact (default: calibration.json in the "
+                                      "export)")
     parser.add_argument("--python", default=sys.executable, help="interpreter with SGLang (default: this one)")
     parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     args, extra = parser.parse_known_args(argv)

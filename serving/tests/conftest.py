@@ -36,6 +36,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_exports.write_dflash_zlab(root / "dflash_zlab")
     tiny_exports.write_dflash_zlab(root / "dflash_llama", target_model_type="llama")
     tiny_exports.write_eagle3(root / "eagle3")
+    tiny_exports.write_eagle3(root / "eagle3_padded_vocab", draft_vocab=96)  # SGLang pads lm_head rows to 128
     # SmolLM2-135M-Instruct geometry (the project's small real target; Llama, so no q/k norm).
     tiny_exports.write_dspark(root / "dspark_smollm2", geometry=tiny_exports.SMOLLM2, gamma=7, markov_rank=16)
     tiny_exports.write_eagle3(root / "eagle3_smollm2", geometry=tiny_exports.SMOLLM2, draft_vocab=2048)

@@ -29,6 +29,7 @@ GOOD = {
     "dflash_zlab": ("DFLASH", "DFlashDraftModel", "DFlashWorkerV2", 8),
     "dflash_llama": ("DFLASH", "DFlashLightningDraftModel", "DFlashWorkerV2", 8),
     "eagle3": ("EAGLE3", "LlamaForCausalLMEagle3", "EAGLEWorkerV2", 8),
+    "eagle3_padded_vocab": ("EAGLE3", "LlamaForCausalLMEagle3", "EAGLEWorkerV2", 8),
     "attached": ("DSPARK", "Qwen3DSparkModel", "DSparkWorkerV2", 5),
     "dspark_smollm2": ("DSPARK", "DSparkLightningDraftModel", "DSparkWorkerV2", 8),
     "eagle3_smollm2": ("EAGLE3", "LlamaForCausalLMEagle3", "EAGLEWorkerV2", 8),
@@ -75,6 +76,7 @@ def test_good_export_passes(exports: Path, name: str) -> None:
         assert report.modes == (["static"] if name == "dspark_no_confidence" else ["static", "compact"])
         if name != "dspark_no_confidence":
             assert "confidence (without STS) equals the reference" in notes
+        assert "write_target_hidden_kv (the DSpark prefill/commit KV injection) writes the reference K/V" in notes
     if algorithm != "EAGLE3":
         assert any("context K/V of all 2 draft layers equal the reference" in n for n in report.notes)
 
@@ -196,3 +198,12 @@ def test_cli_exit_codes(exports: Path, tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert bad.stdout.startswith("FAIL") and "confidence head is enabled" in bad.stdout
+
+
+def test_config_bundled_draft_needs_deepseek_v4(tmp_path: Path) -> None:
+    config = tiny_exports.target_config() | {"dspark_block_size": 4, "dspark_markov_rank": 8,
+                                              "dspark_noise_token_id": 250, "dspark_target_layer_ids": [0, 2]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    report = check_export(tmp_path)
+    assert not report.ok
+    assert "loads that form only for DeepseekV4ForCausalLM targets" in _problems(report)

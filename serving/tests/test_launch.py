@@ -31,7 +31,8 @@ def test_dspark_compact_with_sps_and_export_sts(exports: Path) -> None:
     assert cmd.env == {"SGLANG_RAGGED_VERIFY_MODE": "compact"}
     args = cmd.argv
     assert args[args.index("--speculative-dspark-sps-table-path") + 1] == "/tables/sps.json"
-    assert args[args.index("--speculative-dspark-confidence-sts-path") + 1] == str(exports / "dspark_sts" / "calibration.json")
+    sts = args[args.index("--speculative-dspark-confidence-sts-path") + 1]
+    assert sts == str(exports / "dspark_sts" / "calibration.json")
 
 
 def test_compact_without_sps_table_warns(exports: Path) -> None:

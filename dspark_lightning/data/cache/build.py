@@ -229,9 +229,9 @@ def _encode_shard(target: FrozenTarget, shard: list[_Pending], batch_size: int, 
             ids[b, : lengths[b]] = shard[i].input_ids
             attn[b, : lengths[b]] = 1
         out = target(ids.to(device), attn.to(device))
-        # bf16 on the device halves the copy to the host; fp8 quantises from the target's own precision.
-        keep = torch.bfloat16 if dtype == "bfloat16" else out.hidden.dtype
-        hidden, last = out.hidden.to(keep).cpu(), out.last_hidden.to(keep).cpu()
+        # Encoding (bf16 cast, or fp8 quantisation from the target's own precision) runs on the device, so only
+        # the stored bytes cross to the host.
+        hidden, last = out.hidden, out.last_hidden
         for b, i in enumerate(idx):
             n = lengths[b]
             blobs[i] = encode_sample(shard[i].input_ids, shard[i].loss_mask, hidden[b, :n], last[b, :n], dtype=dtype,
@@ -276,7 +276,8 @@ def _clear_rank(out: Path, rank: int) -> None:
 def _fingerprint(spec: _BuildSpec, sources: list[dict[str, Any]], world_size: int, target_info: dict[str, Any],
                  tok_info: dict[str, Any]) -> str:
     settings = {
-        "sources": [(s["path"], s["sha256"]) for s in sources], "target": target_info, "tokenizer": tok_info["hash"],
+        # Inputs by content, not path: a build resumes from another mount of the same files.
+        "sources": [s["sha256"] for s in sources], "target": target_info, "tokenizer": tok_info["hash"],
         "layers": spec.target_layer_ids, "dtype": spec.dtype, "max_length": spec.max_length,
         "min_loss_tokens": spec.min_loss_tokens, "system_prompt": spec.system_prompt,
         "max_shard_samples": spec.max_shard_samples, "max_shard_bytes": spec.max_shard_bytes,

@@ -22,6 +22,7 @@ The stream is a pure function of ``(seed, epoch, rank, position)``, which is wha
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import random
@@ -197,12 +198,12 @@ class _CacheStream(IterableDataset):
 # ---------------------------------------------------------------------- planning (main process)
 def _deal(shards: list[int], counts: list[int], slots: int) -> list[list[int]]:
     """Deal shards to slots, largest first to the least-loaded slot (ties: lowest slot), each slot in shard order."""
-    load = [0] * slots
+    heap = [(0, k) for k in range(slots)]  # (samples dealt, slot): already a heap
     dealt: list[list[int]] = [[] for _ in range(slots)]
     for i in sorted(shards, key=lambda i: (-counts[i], i)):
-        s = min(range(slots), key=lambda k: (load[k], k))
-        dealt[s].append(i)
-        load[s] += counts[i]
+        load, k = heapq.heappop(heap)
+        dealt[k].append(i)
+        heapq.heappush(heap, (load + counts[i], k))
     return [sorted(d) for d in dealt]
 
 
@@ -233,6 +234,14 @@ class _EpochLoader:
 
     def __len__(self) -> int:
         return self.dm.batches_per_epoch
+
+    # Lightning saves and restores a train loader that has these (and warns on mid-epoch resume otherwise); the
+    # position lives in the DataModule, so both paths carry the same state.
+    def state_dict(self) -> dict[str, Any]:
+        return self.dm.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.dm.load_state_dict(state_dict)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dm = self.dm
@@ -292,7 +301,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         fp8_dequantize: where an fp8 cache is dequantised: ``worker`` (DataLoader workers, CPU) or ``device`` (in
             ``on_after_batch_transfer``, after the half-size fp8 batch reached the GPU; batches from the loader
             then carry ``target_hidden`` in fp8 plus ``*_scale``). ``auto``: ``device`` when training on CUDA.
-        pin_memory: pin batches (CUDA training).
+        pin_memory: pin batches in page-locked memory; default: when training on CUDA.
         rank, world_size: only without a trainer: this process's place (default: torch.distributed, then the
             ``RANK``/``WORLD_SIZE`` environment, then 0 of 1).
     """
@@ -319,7 +328,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         allow_target_mismatch: bool = False,
         hidden_dtype: str | None = None,
         fp8_dequantize: Literal["auto", "worker", "device"] = "auto",
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -400,6 +409,8 @@ class TargetCacheDataModule(L.LightningDataModule):
         self.hidden_dtype = self._training_dtype()
         device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
         on_cuda = getattr(device, "type", "cpu") == "cuda"
+        if self.pin_memory is None:
+            self.pin_memory = on_cuda
         self.dequantize_on_device = manifest["dtype"] == "float8_e4m3fn" and (
             self.fp8_dequantize == "device" or (self.fp8_dequantize == "auto" and on_cuda))
         self.manifest = manifest

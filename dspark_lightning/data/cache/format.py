@@ -120,16 +120,14 @@ def encode_sample(
             if not all_finite(t):
                 raise CacheError(f"Sample {sample_id!r}: the target produced NaN/Inf in {name}; refusing to cache "
                                  f"it. Check the target's dtype (fp16 overflows; use bfloat16 or float32).")
-    tensors = {
-        "input_ids": input_ids.to(torch.int32).contiguous(),
-        "loss_mask": loss_mask.to(torch.uint8).contiguous(),
-    }
+    tensors = {"input_ids": input_ids.to(torch.int32), "loss_mask": loss_mask.to(torch.uint8)}
     for name, t in zip(_HIDDEN_KEYS, (hidden, last_hidden)):
         if dtype == "bfloat16":
-            tensors[name] = t.to(torch.bfloat16).contiguous()
+            tensors[name] = t.to(torch.bfloat16)
         else:
             tensors[name], tensors[f"{name}_scale"] = quantize_fp8(t)
-    return st_save(tensors, metadata={"id": str(sample_id)})
+    # Cast/quantised on the tensors' device (the GPU during a build); only the stored bytes come to the host.
+    return st_save({k: v.cpu().contiguous() for k, v in tensors.items()}, metadata={"id": str(sample_id)})
 
 
 def sample_metadata(data: bytes) -> dict[str, str]:
