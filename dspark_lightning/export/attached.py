@@ -25,6 +25,7 @@ without them (the original file is never modified).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import warnings
@@ -381,11 +382,24 @@ def _write_bundled(stage: Path, target_dir: Path, mapping: dict[str, str], plan:
                      metadata={"dspark_flavour": style.name})
         new_map.update(dict.fromkeys(names, file))
     index["weight_map"] = new_map
-    index.setdefault("metadata", {})["total_size"] = sum(
-        sum(tensor_nbytes(stage / file).values()) for file in sorted(set(new_map.values())))
+    metadata = index.setdefault("metadata", {})
+    metadata["total_size"] = sum(sum(tensor_nbytes(stage / file).values()) for file in sorted(set(new_map.values())))
+    if metadata.get("total_parameters") is not None:  # transformers >= 5 records it; keep it true for the copy
+        metadata["total_parameters"] = (int(metadata["total_parameters"]) + sum(t.numel() for t in named.values())
+                                        - _numel(target_dir, mapping, plan.dropped))
     write_json(stage / SAFE_INDEX, index)
     write_json(stage / "config.json", config)
     verify_index(stage)
+
+
+def _numel(directory: Path, mapping: dict[str, str], names: set[str]) -> int:
+    """Elements of tensors ``names`` of a checkpoint, from the file headers."""
+    total = 0
+    for file in sorted({mapping[n] for n in names}):
+        with safe_open(str(directory / file), framework="pt", device="cpu") as f:
+            for name in (n for n in names if mapping[n] == file):
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
 
 
 def bundled_files(directory: Path) -> tuple[str, ...]:

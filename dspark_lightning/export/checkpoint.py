@@ -160,11 +160,29 @@ def plain(value: Any) -> Any:
 
 # ---------------------------------------------------------------------- target config
 def namespace(config: dict[str, Any]) -> types.SimpleNamespace:
-    """An attribute view of an HF config dict (nested ``text_config`` too), enough for ``DrafterConfig.resolve``."""
+    """An attribute view of an HF config dict (nested ``text_config`` too), enough for ``DrafterConfig.resolve``.
+
+    The aliases of the model type's transformers config class are added as the class would answer them (DeepSeek-V4:
+    ``intermediate_size`` is ``moe_intermediate_size``), since ``config.json`` holds the canonical names only.
+    """
     data = dict(config)
     if isinstance(data.get("text_config"), dict):
         data["text_config"] = namespace(data["text_config"])
+    for alias, name in _attribute_map(data.get("model_type")).items():
+        if alias not in data and name in data:
+            data[alias] = data[name]
     return types.SimpleNamespace(**data)
+
+
+def _attribute_map(model_type: Any) -> dict[str, str]:
+    if not isinstance(model_type, str):
+        return {}
+    from transformers import CONFIG_MAPPING  # imported only when a config is read
+
+    try:
+        return dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", None) or {})
+    except (KeyError, ValueError, ImportError):
+        return {}
 
 
 def target_config_from_dir(target_dir: str | Path) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def test_builtin_demo_set(tokenizer):
         assert [m["role"] for m in row["conversations"]] == ["user", "assistant"]
         ids, mask = tokenize_conversation(tokenizer, row["conversations"], max_length=10_000)
         assert len(ids) <= 384 and mask.any(), row["id"]
-    with pytest.raises(FileNotFoundError, match=r"available: \['smollm2_demo'\]"):
+    with pytest.raises(FileNotFoundError, match=r"available: \['smollm2_demo', 'smollm2_train'\]"):
         builtin_conversations("nope")
 
 

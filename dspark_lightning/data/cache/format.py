@@ -6,7 +6,7 @@ Layout of a cache directory (or object-store prefix)::
     shard-00-00000.tar             # rank 00, shard 0; one tar member "<key>.safetensors" per sample
     shard-00-00001.tar
     shard-01-00000.tar             # rank 01 (multi-device builds)
-    progress-00.json ...           # build bookkeeping (resume); readers ignore it
+    progress-00.json ...           # only while a build runs (resume bookkeeping); readers ignore it
 
 A sample blob holds (``L`` = sequence length, ``H`` = target hidden size, ``m`` = context layers):
 
