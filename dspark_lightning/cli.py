@@ -72,7 +72,7 @@ COMMANDS: dict = {
     },
     "profile-sps": "dspark_lightning.decoding.sps:profile_sps",
     "calibrate": "dspark_lightning.decoding.calibration:calibrate",
-    "eval": "dspark_lightning.eval.run:eval_export",
+    "eval": "dspark_lightning.export.evaluate:eval_export",
     "export": "dspark_lightning.export:export_checkpoint",
     "import-deepspec": "dspark_lightning.export.deepspec:import_deepspec",
     "push": "dspark_lightning.export.push:push",
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _underscore_option(arg: str) -> str:
-    """``--repo-id x`` / ``--dry-run`` as ``--repo_id`` / ``--dry_run`` (jsonargparse names options after parameters)."""
+    """``--repo-id x`` / ``--dry-run`` as ``--repo_id`` / ``--dry_run`` (options are named after parameters)."""
     if not arg.startswith("--") or arg == "--":
         return arg
     name, sep, value = arg[2:].partition("=")

@@ -74,13 +74,11 @@ class ContextKVCache:
             self.keys = [pad(k) for k in self.keys]
             self.values = [pad(v) for v in self.values]
         j = torch.arange(t, device=counts.device)
-        dest = (self.lengths[:, None] + j).clamp(max=self.capacity - 1)  # [B, T]
-        keep = j < counts[:, None]
+        rows, src = (j[None, :] < counts[:, None]).nonzero(as_tuple=True)  # one host sync for the batch
+        dest = self.lengths[rows] + src
         for cache_k, cache_v, (k, v) in zip(self.keys, self.values, layer_kv):
-            for b in range(k.shape[0]):
-                idx = dest[b][keep[b]]
-                cache_k[b, :, idx] = k[b, :, keep[b]]
-                cache_v[b, :, idx] = v[b, :, keep[b]]
+            cache_k[rows, :, dest] = k[rows, :, src]
+            cache_v[rows, :, dest] = v[rows, :, src]
         self.lengths = self.lengths + counts
 
     def view(self, layer: int) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from . import sglang
 from .checkpoint import TrainedDrafter, plain
 from .common import package_version
 from .fileio import read_json
@@ -112,9 +113,11 @@ def usage(trained: TrainedDrafter, inputs: CardInputs) -> str:
     extra = f" \\\n  --speculative-num-draft-tokens {window[inputs.serving]}"
     if inputs.serving == "EAGLE3":
         extra = f" \\\n  --speculative-num-steps {cfg.ttt_length} --speculative-eagle-topk 1{extra}"
-    return ("```bash\npython -m sglang.launch_server --model-path "
+    text = ("```bash\npython -m sglang.launch_server --model-path "
             f"{target} \\\n  --speculative-algorithm {inputs.serving} --speculative-draft-model-path <this repo>"
             f"{extra}{sts}\n```")
+    notes = sglang.serving_notes(cfg) if inputs.fmt == "sglang" else []
+    return text + "".join(f"\n\n**Note:** {n}" for n in notes)
 
 
 def summary(trained: TrainedDrafter, inputs: CardInputs) -> str:

@@ -15,7 +15,7 @@ from .fileio import SAFE_INDEX, SAFE_WEIGHTS, load_tensors, read_json
 
 FORMATS = ("hf", "deepspec", "sglang", "attached-subfolder", "attached-bundled")
 _SGLANG_ARCHS = ("Qwen3DSparkModel", "DSparkDraftModel", "LingDSparkModel", "DFlashDraftModel",
-                 "LlamaForCausalLMEagle3")
+                 "LlamaForCausalLMEagle3", *sglang.PLUGIN_ARCHITECTURES.values())
 
 
 def detect_format(directory: str | Path) -> str:

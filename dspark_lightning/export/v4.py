@@ -26,6 +26,7 @@ on import.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,14 @@ class DeepseekV4Flavour(AttachedFlavour):
             raise ValueError(f"The drafter has {key}={ours} but {where} has {key}={theirs}: the drafter was trained "
                              f"for another DeepSeek-V4 model. Export it against the target it was trained with.")
         v4_config_keys(cfg)  # raises for what SGLang cannot serve (no Markov head, a layer id < 0)
+        if target_config.get("quantization_config"):
+            method = (target_config["quantization_config"] or {}).get("quant_method", "?")
+            warnings.warn(
+                f"The target {target_dir} is quantised (quantization_config quant_method={method!r}); the draft is "
+                f"written unquantised (--dtype). SGLang builds the draft stages with the target's quantization "
+                f"config, so it may not load these tensors as they are: quantising the draft is not implemented "
+                f"(docs/deepseek_v4.md). The copy still loads in transformers and load_drafter.", stacklevel=4,
+            )
 
     def draft_directory(self, trained: TrainedDrafter, target_config: dict[str, Any],
                         dtype: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
