@@ -77,8 +77,8 @@ class ContextKVCache:
         rows, src = (j[None, :] < counts[:, None]).nonzero(as_tuple=True)  # one host sync for the batch
         dest = self.lengths[rows] + src
         for cache_k, cache_v, (k, v) in zip(self.keys, self.values, layer_kv):
-            cache_k[rows, :, dest] = k[rows, :, src]
-            cache_v[rows, :, dest] = v[rows, :, src]
+            cache_k[rows, :, dest] = k[rows, :, src].to(cache_k.dtype)  # autocast may hand bf16
+            cache_v[rows, :, dest] = v[rows, :, src].to(cache_v.dtype)
         self.lengths = self.lengths + counts
 
     def view(self, layer: int) -> tuple[Tensor, Tensor]:
