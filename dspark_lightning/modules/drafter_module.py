@@ -13,6 +13,7 @@ decoding and writes the report), so this module never imports the decoding engin
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -80,21 +81,21 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class ValidationDecoder:
+class ValidationDecoder(abc.ABC):
     """What ``DrafterModule`` calls to validate on prompt batches (implemented in ``dspark_lightning.eval``).
 
     The module hands over batches that carry ``prompt_ids`` and the epoch boundaries; the decoder owns its
     engine, metrics and report.
     """
 
-    def on_validation_epoch_start(self, module: DrafterModule) -> None:
+    def on_validation_epoch_start(self, module: DrafterModule) -> None:  # noqa: B027 - optional hook
         """Prepare for an epoch (metrics, engine)."""
 
+    @abc.abstractmethod
     def validation_step(self, module: DrafterModule, batch: dict[str, Any], batch_idx: int) -> None:
         """Decode one prompt batch."""
-        raise NotImplementedError
 
-    def on_validation_epoch_end(self, module: DrafterModule) -> None:
+    def on_validation_epoch_end(self, module: DrafterModule) -> None:  # noqa: B027 - optional hook
         """Reduce, log and report."""
 
 
