@@ -81,7 +81,10 @@ def _parse(path: Path, tmp_path: Path):
         config["data"] = TOKEN_DATA
         source = tmp_path / path.name
         source.write_text(yaml.safe_dump(config), encoding="utf-8")
-    args = ["--config", str(source), *ON_THIS_MACHINE, f"--trainer.default_root_dir={tmp_path}"]
+    # An overlay (no model.target, e.g. smollm2/validate.yaml) is layered over its folder's DSpark config, as
+    # its header says to run it.
+    base = [] if (config.get("model") or {}).get("target") else ["--config", str(path.parent / "dspark.yaml")]
+    args = [*base, "--config", str(source), *ON_THIS_MACHINE, f"--trainer.default_root_dir={tmp_path}"]
     with torch.device("meta"):
         return lightning_main(args, run=False)
 
@@ -116,7 +119,7 @@ def test_every_paper_target_and_algorithm_has_a_config():
                 for size in PAPER_TARGETS for algo in ("dspark", "dflash", "eagle3")}
     assert names == expected
     assert {rel(p) for p in CONFIGS if p.parent.name == "smollm2"} == {
-        "smollm2/dspark.yaml", "smollm2/dflash.yaml", "smollm2/eagle3.yaml"}
+        "smollm2/dspark.yaml", "smollm2/dflash.yaml", "smollm2/eagle3.yaml", "smollm2/validate.yaml"}
 
 
 # ------------------------------------------------------------------------------------------ paper configs
