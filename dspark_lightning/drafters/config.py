@@ -151,11 +151,7 @@ class DrafterConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DrafterConfig:
         """Build from a mapping (a saved ``to_dict`` output or a YAML block); unknown keys raise."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"Unknown drafter config keys {unknown}; valid keys are {sorted(names)}.")
-        return cls(**data)
+        return strict_from_dict(cls, data, "drafter")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,13 +169,9 @@ class DrafterConfig:
             found = next((get(t) for t in theirs if get(t) is not None), None)
             if found is None:
                 continue
-            if values[ours] is None:
-                values[ours] = found
-            elif values[ours] != found and ours not in ("max_position_embeddings",):
-                raise ValueError(
-                    f"Drafter {ours}={values[ours]} but the target has {ours}={found}. The drafter shares the "
-                    f"target's geometry: remove '{ours}' from the drafter config (it is read from the target)."
-                )
+            if ours == "max_position_embeddings" and values[ours] is not None:
+                continue  # the drafter may use a shorter context than the target
+            _take_from_target(values, ours, found, "the target", ". The drafter shares the target's geometry:")
         model_type = getattr(target_config, "model_type", None)
         if values["target_model_type"] is None:
             values["target_model_type"] = model_type
@@ -187,13 +179,7 @@ class DrafterConfig:
             values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
         v4 = _check_v4_pairing(values["algorithm"], model_type)
         for name, found in (_v4_target_rope(get) if v4 else _target_rope(get)).items():
-            if values[name] is None:
-                values[name] = found
-            elif values[name] != found:
-                raise ValueError(
-                    f"Drafter {name}={values[name]} but the target has {name}={found}: remove '{name}' from the "
-                    f"drafter config (it is read from the target)."
-                )
+            _take_from_target(values, name, found, "the target")
         text_type = getattr(text_config, "model_type", None)
         gemma4 = model_type in _GEMMA4_FAMILIES or text_type in _GEMMA4_FAMILIES
         if gemma4:
@@ -206,13 +192,7 @@ class DrafterConfig:
         for name, found in (("global_head_dim", full_dim), ("num_global_key_value_heads", full_kv)):
             if found is None:
                 continue
-            if values[name] is None:
-                values[name] = found
-            elif values[name] != found:
-                raise ValueError(
-                    f"Drafter {name}={values[name]} but the target's full-attention layers have {name}={found}: "
-                    f"remove '{name}' from the drafter config (it is read from the target)."
-                )
+            _take_from_target(values, name, found, "the target's full-attention layers")
         style = dict(norm_style="sandwich", attention_scale=1.0, v_norm=True, layer_scalar=True) if gemma4 else \
             dict(norm_style="pre", attention_scale=None, v_norm=False, layer_scalar=False)
         for name, default in style.items():
@@ -383,6 +363,26 @@ class DrafterConfig:
     def pred_offset(self) -> int:
         """Index of the first block slot whose output is a prediction."""
         return 1 if self.block_layout == "zlab" else 0
+
+
+def _take_from_target(values: dict[str, Any], name: str, found: Any, source: str, note: str = ":") -> None:
+    """Fill ``values[name]`` from the target, or raise if the drafter config gave a different value."""
+    if values[name] is None:
+        values[name] = found
+    elif values[name] != found:
+        raise ValueError(
+            f"Drafter {name}={values[name]} but {source} has {name}={found}{note} remove '{name}' from the "
+            f"drafter config (it is read from the target)."
+        )
+
+
+def strict_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """``cls(**data)`` for a dataclass, refusing unknown keys with the list of valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"Unknown {what} config keys {unknown}; valid keys are {sorted(names)}.")
+    return cls(**data)
 
 
 def _default_mask_token(target_config: Any, vocab_size: int | None) -> int | None:
