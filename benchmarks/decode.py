@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from dspark_lightning.decoding import SpeculativeEngine, SpsTable, build_policy, schedule_prefix
+from dspark_lightning.decoding.sps import profile_sps
 from dspark_lightning.drafters import DrafterConfig
 from dspark_lightning.eval.suites import load_suites
 from dspark_lightning.modules.drafter_module import build_drafter
@@ -77,7 +79,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--suite", default="mt-bench", help="prompt suite (shipped name or JSONL path)")
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
-    parser.add_argument("--policy", default="fixed", choices=["fixed", "threshold", "scheduler"])
+    parser.add_argument("--policies", nargs="+", default=["fixed"], choices=["fixed", "threshold", "scheduler"],
+                        help="verify-length policies timed side by side (scheduler: profiles SPS(B) here unless "
+                             "--sps-table is given)")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--sps-table", default=None, help="profile-sps JSON (policy scheduler)")
     parser.add_argument("--gamma", type=int, default=None)
@@ -107,38 +111,55 @@ def main() -> None:
     target = FrozenTarget.from_config(target_cfg, layer_ids, device=device)
     drafter = load_drafter(args.ckpt, target_cfg, target, device)
     table = SpsTable.load(args.sps_table) if args.sps_table else None
-    spec = SpeculativeEngine(target, drafter, gamma=args.gamma,
-                             policy=build_policy(args.policy, threshold=args.threshold, sps_table=table))
-    alone = SpeculativeEngine(target, None)
+    if "scheduler" in args.policies and table is None:
+        gamma = args.gamma or drafter.config.block_size
+        sps_path = Path(tempfile.mkdtemp()) / "sps.json"
+        profile_sps(target_cfg, str(sps_path), num_tokens=sorted({b * q for b in args.batch_sizes
+                                                                  for q in range(1, gamma + 2)}),
+                    requests=max(args.batch_sizes), device=str(device))
+        table = SpsTable.load(sps_path)
+    engines = {"target": SpeculativeEngine(target, None)}
+    for policy in args.policies:
+        engines[policy] = SpeculativeEngine(target, drafter, gamma=args.gamma,
+                                            policy=build_policy(policy, threshold=args.threshold, sps_table=table))
+    spec = engines[args.policies[0]]
     suite = load_suites(target_cfg, [args.suite], max_samples=max(args.batch_sizes) * 2,
                         max_prompt_tokens=args.max_prompt_tokens, hf_config=hf)[0]
     stops = suite.stop_token_ids
     print(f"target SmolLM2-135M-Instruct ({dtype}, {device}); drafter {drafter.config.algorithm} "
           f"({'checkpoint ' + str(Path(args.ckpt).name) if args.ckpt else 'untrained'}), gamma {spec.gamma}, "
-          f"policy {args.policy}; suite {suite.name}; max_new_tokens {args.max_new_tokens}", flush=True)
+          f"policies {' '.join(args.policies)}; suite {suite.name}; max_new_tokens {args.max_new_tokens}", flush=True)
 
     rows = []
     for batch in args.batch_sizes:
         prompts = [suite.prompts[i % len(suite.prompts)] for i in range(batch)]
         for temperature in args.temperatures:
             result = {}
-            for name, engine in (("target", alone), ("spec", spec)):
+            for name, engine in engines.items():
                 engine.generate(prompts, max_new_tokens=args.warmup_tokens, temperature=temperature,
                                 stop_token_ids=stops, seed=args.seed)
-                out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=temperature,
-                                      stop_token_ids=stops, seed=args.seed)
-                result[name] = out
-            t, s = result["target"], result["spec"]
-            t_tps, s_tps = t.num_tokens / t.seconds, s.num_tokens / s.seconds
-            rows.append((batch, temperature, t_tps, s_tps, s_tps / t_tps, float(s.rounds.num_tokens.double().mean()),
-                         float(s.rounds.proposal_length.double().mean()), t.num_tokens, s.num_tokens))
+                result[name] = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                                               stop_token_ids=stops, seed=args.seed)
+            t = result["target"]
+            t_tps = t.num_tokens / t.seconds
+            first_tps = None
+            for policy in args.policies:
+                s = result[policy]
+                s_tps = s.num_tokens / s.seconds
+                first_tps = first_tps or s_tps
+                tau = float(s.rounds.num_tokens.double().mean())
+                verified = float(s.rounds.proposal_length.double().mean())
+                rows.append((batch, temperature, policy, t_tps, s_tps, s_tps / t_tps, s_tps / first_tps, tau, verified,
+                             t.num_tokens, s.num_tokens))
             print(f"  done: batch {batch}, T {temperature:g}", flush=True)
 
-    print("\n| batch | T | target tok/s | speculative tok/s | speedup | tau | verified drafts/round "
-          "| tokens (target / spec) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for b, temp, t_tps, s_tps, ratio, tau, verify, nt, ns in rows:
-        print(f"| {b} | {temp:g} | {t_tps:.1f} | {s_tps:.1f} | {ratio:.2f}x | {tau:.2f} | {verify:.2f} | {nt} / {ns} |")
+    first = args.policies[0]
+    print(f"\n| batch | T | policy | target tok/s | speculative tok/s | speedup | vs {first} | tau "
+          "| verified drafts/round | tokens (target / spec) |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for b, temp, policy, t_tps, s_tps, ratio, vs_first, tau, verify, nt, ns in rows:
+        print(f"| {b} | {temp:g} | {policy} | {t_tps:.1f} | {s_tps:.1f} | {ratio:.2f}x | {vs_first:.2f}x | {tau:.2f} "
+              f"| {verify:.2f} | {nt} / {ns} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ figures on the H200 are printed beside ours.
     python benchmarks/train_step.py                       # CUDA, Qwen3-4B geometry
     python benchmarks/train_step.py --small --device cpu  # a quick CPU sanity run
     python benchmarks/train_step.py --fused               # also time the fused CE/L1 loss (kernels/) beside it
+    python benchmarks/train_step.py --attn sdpa flex      # dense-mask SDPA beside the sparse flex-attention mask
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def build(algorithm: str, target: SimpleNamespace, args: argparse.Namespace) -> 
 
 
 def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, compile_: bool,
-          fused: bool = False) -> dict:
+          fused: bool = False, attn: str = "auto") -> dict:
     device = torch.device(args.device)
     model, cfg = build(algorithm, target, args)
+    if algorithm != "eagle3":
+        (model.backbone if algorithm == "dspark" else model).attn_implementation = attn
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=6e-4, fused=device.type == "cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -115,7 +118,7 @@ def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, com
     ms = (time.perf_counter() - t0) / args.iters * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     flops = step_flops(cfg, L, cfg.num_anchors) if algorithm != "eagle3" else float("nan")
-    return {"algorithm": algorithm, "compiled": compile_, "fused": fused, "ms": ms, "peak_gib": peak,
+    return {"algorithm": algorithm, "compiled": compile_, "fused": fused, "attn": attn, "ms": ms, "peak_gib": peak,
             "tflops": flops / ms / 1e9, "step_tflop": flops / 1e12}
 
 
@@ -132,6 +135,8 @@ def main() -> None:
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
     parser.add_argument("--fused", action="store_true",
                         help="DSpark/DFlash: also time block_drafter_loss(fused=True) beside the default loss")
+    parser.add_argument("--attn", nargs="+", default=["auto"], choices=["auto", "sdpa", "flex"],
+                        help="DSpark/DFlash training attention (auto = flex on CUDA); several are timed side by side")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 rate for MFU (H200 measured)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -142,15 +147,16 @@ def main() -> None:
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     print(f"device={args.device} hidden={target.hidden_size} vocab={target.vocab_size} seq={args.seq} "
           f"anchors={args.anchors} block={args.block} draft_layers={args.draft_layers}")
-    print(f"{'drafter':8} {'compile':7} {'fused':5} {'ms/step':>9} {'peak GiB':>9} {'TFLOP':>7} {'TFLOP/s':>8} "
-          f"{'MFU':>6} {'ref ms':>8} {'speed-up':>8}")
+    print(f"{'drafter':8} {'compile':7} {'fused':5} {'attn':5} {'ms/step':>9} {'peak GiB':>9} {'TFLOP':>7} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'ref ms':>8} {'speed-up':>8}")
     for algorithm in args.algorithms:
         fused_modes = [False, True] if args.fused and algorithm != "eagle3" else [False]
-        for compile_, fused in ((c, f) for c in modes for f in fused_modes):
-            r = bench(algorithm, target, args, compile_, fused)
+        attns = args.attn if algorithm != "eagle3" else ["sdpa"]
+        for compile_, fused, attn in ((c, f, a) for c in modes for f in fused_modes for a in attns):
+            r = bench(algorithm, target, args, compile_, fused, attn)
             ref = REFERENCE_MS.get(algorithm)
             ref_ms = (ref[1] if compile_ else ref[0]) if ref and not args.small else float("nan")
-            print(f"{algorithm:8} {str(compile_):7} {str(fused):5} {r['ms']:9.1f} {r['peak_gib']:9.2f} "
+            print(f"{algorithm:8} {str(compile_):7} {str(fused):5} {attn:5} {r['ms']:9.1f} {r['peak_gib']:9.2f} "
                   f"{r['step_tflop']:7.1f} {r['tflops']:8.1f} {r['tflops'] / args.peak_tflops:6.1%} {ref_ms:8.1f} "
                   f"{ref_ms / r['ms']:8.2f}x",
                   flush=True)

@@ -39,6 +39,10 @@ def test_fit_smoke_dspark_from_the_command_line_lowers_the_loss(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert 0.0 < summary["metrics"]["val/accept_rate@0"] <= 1.0
     assert summary["metrics"]["val/expected_tau"] >= 1.0
+    tp = summary["throughput"]  # 40 steps less 5 warm-up, less the first step after each of the 2 validations
+    assert tp["world_size"] == 1 and tp["timed_steps"] == 40 - 5 - 1 - 1
+    assert tp["tokens_per_s"] > 0 and tp["tokens_per_s_per_rank"] == [tp["tokens_per_s"]]
+    assert "tokens/s on 1 rank(s)" in proc.stdout
 
 
 @pytest.mark.parametrize("algorithm", ["dflash", "eagle3"])
@@ -73,6 +77,9 @@ def test_fit_ddp_two_processes_on_cpu(tmp_path):
     assert summary["steps"] == 8
     assert "distributed_backend=gloo" in proc.stdout + proc.stderr
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    tp = summary["throughput"]
+    assert tp["world_size"] == 2 and len(tp["tokens_per_s_per_rank"]) == 2
+    assert tp["tokens_per_s"] == pytest.approx(sum(tp["tokens_per_s_per_rank"]))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -11,7 +11,8 @@ given drafts ``< k`` were; DSpark paper Eq. 7) to a verify length ``0 <= n_r <= 
   admitted greedily in that order while the expected accepted tokens times the steps per second of the
   verify batch, ``(R + sum of admitted S) * SPS(R + admitted)``, does not decrease, and the scan stops at the
   first draft that would lower it (the causal early stop). Each request always verifies its anchor, so the
-  budget starts at ``B = R``.
+  budget starts at ``B = R``. The decision is ``kernels.prefix_schedule``: a sync-free torch path, or on CUDA
+  one Triton launch.
 
 Why the early stop and not the best budget over the whole list (paper Appendix A): a draft must be admitted
 (or not) without looking at itself, else the verified tokens are no longer distributed as the target's.
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels.prefix_schedule import prefix_schedule
 from .sps import SpsTable
 
 POLICIES = ("fixed", "threshold", "scheduler")
@@ -66,34 +68,29 @@ class PrefixScheduler:
 
     Args:
         sps: steps per second as a function of the tokens verified in one step.
+        backend: ``torch`` / ``triton`` / ``auto`` (None: ``$DSPARK_KERNEL_BACKEND``, else ``auto`` = the one-launch
+            Triton kernel for CUDA tensors when Triton is installed, the torch path otherwise).
     """
 
     sps: SpsTable
+    backend: str | None = None
 
     def __call__(self, confidence: Tensor | None, num_drafted: int, batch: int) -> Tensor:
         if confidence is None:
             raise ValueError("The prefix scheduler needs confidences; this drafter gives none.")
-        return schedule_prefix(confidence[:, :num_drafted], self.sps)
+        return schedule_prefix(confidence[:, :num_drafted], self.sps, backend=self.backend)
 
 
-def schedule_prefix(confidence: Tensor, sps: SpsTable) -> Tensor:
+def schedule_prefix(confidence: Tensor, sps: SpsTable, backend: str | None = None) -> Tensor:
     """Verify lengths [R] from per-step confidences [R, K] (Algorithm 1 with the causal early stop).
 
-    Vectorised: one sort of the R*K survival probabilities, a cumulative sum, one table lookup.
+    One sort of the R*K survival probabilities, a cumulative sum against SPS(R..R+R*K) (cached per batch shape by
+    the table), per-request counts; nothing is read back to the host, so a CUDA caller is not blocked. The work
+    is ``kernels.prefix_schedule``: a torch path, or on CUDA one Triton launch (``backend`` as in
+    :class:`PrefixScheduler`).
     """
     r, k = confidence.shape
-    device = confidence.device
-    if k == 0 or r == 0:
-        return torch.zeros(r, dtype=torch.long, device=device)
-    survival = confidence.to(torch.float64).clamp(0, 1).cumprod(1)  # [R, K], non-increasing along K
-    flat = survival.t().reshape(-1)  # position-major, so a stable sort ranks (r, k) before (r, k+1) on ties
-    order = torch.sort(flat, descending=True, stable=True).indices
-    gains = flat[order]
-    expected = r + torch.cat([gains.new_zeros(1), gains.cumsum(0)])  # [R*K + 1] after admitting 0..R*K drafts
-    value = expected * sps.arange(r, r + r * k + 1, device)
-    # Causal early stop: admit the ranked drafts up to the first one that lowers the objective.
-    keep = (value[1:] >= value[:-1]).long().cumprod(0).sum()
-    return torch.bincount(order[:keep] % r, minlength=r)
+    return prefix_schedule(confidence, sps.arange(r, r + r * k + 1, confidence.device), backend=backend)
 
 
 def build_policy(name: str = "fixed", *, length: int | None = None, threshold: float = 0.5,

@@ -15,8 +15,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from .config import DrafterConfig
+
+_compiled_flex = None
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """Flex attention, compiled once per process on CUDA (its fused kernel); eager elsewhere (the unfused
+    reference, for CPU tests)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.device.type != "cuda":
+        return flex(q, k, v, **kwargs)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex)
+    return _compiled_flex(q, k, v, **kwargs)
 
 
 class RMSNorm(nn.Module):
@@ -149,11 +165,14 @@ class KVInjectionAttention(nn.Module):
             q = self.q_norm(q)
         return apply_rotary(q.transpose(1, 2), cos, sin)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """q [B, heads, Q, dh], k/v [B, kv, K, dh], mask [B or 1, 1, Q, K] bool -> o_proj output [B, Q, H]."""
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
-        )  # [B, heads, Q, dh]
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None) -> Tensor:
+        """q [B, heads, Q, dh], k/v [B, kv, K, dh], mask [B or 1, 1, Q, K] bool or a flex ``BlockMask``
+        -> o_proj output [B, Q, H]."""
+        gqa = self.num_heads != self.num_kv_heads
+        if isinstance(mask, BlockMask):
+            out = flex_attention(q, k.to(q.dtype), v.to(q.dtype), block_mask=mask, scale=self.scale, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 

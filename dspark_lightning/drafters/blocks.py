@@ -63,7 +63,7 @@ class BlockPlan:
     prev_ids: Tensor  # [B, N, K] teacher-forced previous token of each prediction (x_a, x_{a+1}, ...)
     target_index: Tensor  # [B, N, K] sequence position whose target state gives p_t for the prediction
     supervise: Tensor  # [B, N, K] bool, contiguous prefix of supervised predictions
-    mask: Tensor  # [B, 1, N*S, L + N*S] bool attention mask (True = attend)
+    mask: Tensor | None  # [B, 1, N*S, L + N*S] bool attention mask (True = attend)
 
 
 def plan_blocks(
@@ -75,8 +75,10 @@ def plan_blocks(
     gamma: int,
     pred_offset: int,
     mask_token_id: int,
+    dense_mask: bool = True,
 ) -> BlockPlan:
-    """Lay out the blocks for ``anchors`` [B, N] (see the module docstring)."""
+    """Lay out the blocks for ``anchors`` [B, N] (see the module docstring). ``dense_mask=False`` leaves
+    ``mask`` None for callers that build the sparse :func:`flex_block_mask` instead."""
     b, length = input_ids.shape
     n = anchors.shape[1]
     s = gamma + pred_offset
@@ -98,6 +100,8 @@ def plan_blocks(
     prev_ids = input_ids.gather(1, flat(prev_pos)).view(b, n, gamma)
     target_index = prev_pos  # p_t for x_{a+1+k} is the target's output at position a+k
 
+    if not dense_mask:
+        return BlockPlan(block_ids, positions, labels, prev_ids, target_index, supervise, None)
     # Mask: query of block i sees context p < a_i and its own block.
     ctx_visible = torch.arange(length, device=anchors.device) < anchors[..., None]  # [B, N, L]
     ctx_visible = ctx_visible[:, :, None, :].expand(b, n, s, length).reshape(b, n * s, length)
@@ -105,3 +109,27 @@ def plan_blocks(
     same_block = (blk[:, None] == blk[None, :]).expand(b, n * s, n * s)
     mask = torch.cat([ctx_visible, same_block], dim=-1)[:, None]
     return BlockPlan(block_ids, positions, labels, prev_ids, target_index, supervise, mask)
+
+
+def flex_block_mask(anchors: Tensor, context_len: int, block_len: int, *, compile_mask: bool = False):
+    """The mask of :func:`plan_blocks` as a flex-attention ``BlockMask`` (sparse: only the 128x128 tiles that
+    attend anything are computed, about a quarter of the dense [N*S, L + N*S] work at 512 anchors).
+
+    Key ``kv < L`` is context, visible to the queries of block ``i`` when ``kv < anchors[b, i]``; key
+    ``kv >= L`` is slot ``kv - L`` of the blocks, visible inside the query's own block. Built once per batch
+    and shared by every layer.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, n = anchors.shape
+    q_len = n * block_len
+
+    def visible(batch, head, q_idx, kv_idx):
+        block = q_idx // block_len
+        in_context = kv_idx < context_len
+        sees_context = kv_idx < anchors[batch, block]
+        same_block = (kv_idx - context_len) // block_len == block
+        return (in_context & sees_context) | (~in_context & same_block)
+
+    return create_block_mask(visible, b, None, q_len, context_len + q_len, device=anchors.device,
+                             _compile=compile_mask)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap
-from .blocks import plan_blocks
+from .blocks import flex_block_mask, plan_blocks
 from .config import DrafterConfig
 
 
@@ -105,6 +105,10 @@ def sample(logits: Tensor, temperature: float, generator: torch.Generator | None
 class DFlash(nn.Module):
     """Parallel block drafter (see module docstring). Parameter names follow DeepSpec/SGLang."""
 
+    #: Training attention: ``sdpa`` with the dense block mask, ``flex`` with the sparse one
+    #: (:func:`blocks.flex_block_mask`), ``auto`` = flex on CUDA, sdpa elsewhere. Inference always uses sdpa.
+    attn_implementation: str = "auto"
+
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
         config.validate()
@@ -172,15 +176,26 @@ class DFlash(nn.Module):
         """
         cfg = self.config
         b, length = input_ids.shape
+        flex = self._use_flex(input_ids.device)
         plan = plan_blocks(input_ids, loss_mask, anchors, anchor_valid, gamma=cfg.block_size,
-                           pred_offset=cfg.pred_offset, mask_token_id=cfg.mask_token_id)
+                           pred_offset=cfg.pred_offset, mask_token_id=cfg.mask_token_id, dense_mask=not flex)
+        mask = flex_block_mask(anchors, length, cfg.block_len, compile_mask=input_ids.is_cuda) if flex else plan.mask
         context = self.project_context(target_hidden)
         ctx_pos = torch.arange(length, device=input_ids.device).expand(b, length)
         n, s = plan.block_ids.shape[1:]
         hidden = self.backbone(plan.block_ids.view(b, n * s), plan.positions.view(b, n * s),
-                               self.context_kv(context, ctx_pos), plan.mask)
+                               self.context_kv(context, ctx_pos), mask)
         hidden = hidden.view(b, n, s, -1)[:, :, cfg.pred_offset:]  # [B, N, K, H]
         return BlockDraftOutput(hidden, plan.labels, plan.prev_ids, plan.target_index, plan.supervise)
+
+    def _use_flex(self, device: torch.device) -> bool:
+        choice = self.attn_implementation
+        if choice not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attn_implementation={choice!r} unknown; choose 'auto', 'sdpa' or 'flex'.")
+        if choice == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+            raise ValueError("attn_implementation='flex' has no backward on CPU (a PyTorch limit); train with "
+                             "'sdpa' or 'auto' there, or run under torch.no_grad().")
+        return choice == "flex" or (choice == "auto" and device.type == "cuda")
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,

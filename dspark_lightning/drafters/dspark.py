@@ -21,6 +21,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from ..kernels.markov_sampling import gumbel_noise, markov_sample
 from ._layers import init_weights
 from .config import DrafterConfig
 from .dflash import BlockDraftOutput, ContextKVCache, DFlash, Proposal, sample
@@ -143,6 +144,8 @@ class DSpark(nn.Module):
         if self.markov_head is None and self.confidence_head is None:
             tokens, probs = sample(base, temperature, generator)
             return Proposal(tokens, probs)
+        if self.markov_head is not None and self.markov_head.head_type == "vanilla":
+            return self._propose_vanilla(hidden, base, anchor_ids, temperature, generator)
         prev = anchor_ids
         state = self.markov_head.init_state(prev.shape, hidden) if self.markov_head is not None else None
         tokens, probs, conf = [], [], []
@@ -158,3 +161,21 @@ class DSpark(nn.Module):
             probs.append(p)
             prev = tok
         return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(conf, 1) if conf else None)
+
+    def _propose_vanilla(self, hidden: Tensor, base: Tensor, anchor_ids: Tensor, temperature: float,
+                         generator: torch.Generator | None) -> Proposal:
+        """The vanilla head's left-to-right loop as one fused kernel step per position (kernels/markov_sampling:
+        Triton on CUDA, the same loop in torch elsewhere), Gumbel-max sampling; confidences vectorised over K."""
+        noise = gumbel_noise(base.shape, generator, base.device) if temperature > 0 else None
+        head = self.markov_head
+        tokens, logits = markov_sample(base, anchor_ids, head.markov_w1.weight, head.markov_w2.weight,
+                                       temperature, noise)
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+        else:
+            probs = torch.nn.functional.one_hot(tokens, logits.shape[-1]).float()
+        conf = None
+        if self.confidence_head is not None:
+            prev = torch.cat([anchor_ids[:, None], tokens[:, :-1]], dim=1)
+            conf = torch.sigmoid(self.confidence_head(hidden, self._prev_embed(prev)))
+        return Proposal(tokens, probs, conf)

@@ -5,7 +5,10 @@ itself is imported lazily, on first use of a Triton backend.
 """
 
 from .fused_block_loss import FusedBlockLossOutput, fused_block_loss
+from .markov_sampling import gumbel_noise, markov_sample, markov_sample_reference
+from .prefix_schedule import prefix_schedule, prefix_schedule_reference
 from .vocab_ce_l1 import BACKEND_ENV, resolve_backend, triton_available, vocab_ce_l1, vocab_ce_l1_reference
 
-__all__ = ["BACKEND_ENV", "FusedBlockLossOutput", "fused_block_loss", "resolve_backend", "triton_available",
-           "vocab_ce_l1", "vocab_ce_l1_reference"]
+__all__ = ["BACKEND_ENV", "FusedBlockLossOutput", "fused_block_loss", "gumbel_noise", "markov_sample",
+           "markov_sample_reference", "resolve_backend", "triton_available", "vocab_ce_l1", "vocab_ce_l1_reference"]
+__all__ += ["prefix_schedule", "prefix_schedule_reference"]

@@ -5,29 +5,67 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 
 class RunSummary(L.Callback):
-    """Record the training loss curve and print first/last losses, validation metrics and output paths.
+    """Record the training loss curve and the throughput; print first/last losses, validation metrics, output paths.
+
+    Throughput counts the wall time between consecutive training batches (data loading included, validation
+    runs excluded) after the first ``window`` steps (warm-up, compilation), and the tokens of those batches
+    (``input_ids``, padding included). Peak accelerator memory is gathered from every rank.
 
     Args:
-        window: steps averaged for the "first" and "last" training loss.
+        window: steps averaged for the "first" and "last" training loss, and the warm-up steps left out of
+            the throughput.
     """
 
     def __init__(self, window: int = 5) -> None:
         self.window = window
         self.losses: list[float] = []
+        self._last_end: float | None = None
+        self.timed_seconds = 0.0
+        self.timed_tokens = 0
+        self.timed_steps = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
-            self.losses.append(float(loss))
+            self.losses.append(float(loss))  # a host sync: the step's GPU work is done when the clock reads
+        now = time.perf_counter()
+        if self._last_end is not None and len(self.losses) > self.window:
+            self.timed_seconds += now - self._last_end
+            self.timed_steps += 1
+            if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+                self.timed_tokens += batch["input_ids"].numel()
+        self._last_end = now
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_end = None  # the next interval would include the validation run
+
+    def throughput(self, trainer: L.Trainer) -> dict[str, Any]:
+        """Tokens/s of this rank and of all ranks, seconds per step, peak memory per rank (a collective)."""
+        device = trainer.strategy.root_device
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+        rate = self.timed_tokens / self.timed_seconds if self.timed_seconds else math.nan
+        local = torch.tensor([peak, rate], dtype=torch.float64, device=device)
+        gathered = trainer.strategy.all_gather(local).reshape(-1, 2).cpu() if trainer.world_size > 1 \
+            else local[None].cpu()
+        return {
+            "world_size": trainer.world_size,
+            "timed_steps": self.timed_steps,
+            "seconds_per_step": self.timed_seconds / self.timed_steps if self.timed_steps else math.nan,
+            "tokens_per_s_per_rank": gathered[:, 1].tolist(),
+            "tokens_per_s": float(gathered[:, 1].sum()),
+            "peak_memory_gib_per_rank": gathered[:, 0].tolist(),
+        }
 
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
         n = min(self.window, len(self.losses))
@@ -40,6 +78,7 @@ class RunSummary(L.Callback):
             "train_loss_last": mean(self.losses[-n:]),
             "train_losses": self.losses,
             "metrics": dict(sorted(metrics.items())),
+            "throughput": self.throughput(trainer),
             "last_checkpoint": getattr(ckpt, "last_model_path", None) or None,
             "log_dir": trainer.log_dir,
         }
@@ -61,6 +100,11 @@ class RunSummary(L.Callback):
         val = {k: v for k, v in info["metrics"].items() if k.startswith("val/")}
         if val:
             lines.append("Validation: " + ", ".join(f"{k.removeprefix('val/')}={v:.4f}" for k, v in val.items()))
+        tp = info["throughput"]
+        if tp["timed_steps"]:
+            peak = ", ".join(f"{g:.2f}" for g in tp["peak_memory_gib_per_rank"])
+            lines.append(f"Throughput: {tp['tokens_per_s']:,.0f} tokens/s on {tp['world_size']} rank(s), "
+                         f"{1e3 * tp['seconds_per_step']:.1f} ms/step; peak memory per rank (GiB): {peak}")
         lines.append(f"Checkpoint: {info['last_checkpoint']}")
         lines.append(f"Logs and summary.json: {log_dir}")
         print("\n".join(lines), flush=True)

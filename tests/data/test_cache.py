@@ -339,6 +339,51 @@ def test_resume_continues_the_uninterrupted_stream(uneven_cache, num_workers, st
             assert torch.equal(got[name], want[name])
 
 
+def test_validation_is_lockstep_across_ranks(tokens_cache):
+    """Every rank runs the same number of validation batches (DDP hangs otherwise); a split that leaves a rank
+    without one is refused at setup, naming the fix."""
+    def val_batches(rank, **kw):
+        dm = TargetCacheDataModule(str(tokens_cache), rank=rank, world_size=2, seed=1, **kw)
+        dm.setup("fit")
+        return collect(dm.val_dataloader())
+
+    per_rank = [val_batches(r, batch_size=4, val_shards=3) for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) >= 1
+    keys = [set(k for b in batches for k in b["cache_keys"]) for batches in per_rank]
+    assert not keys[0] & keys[1]
+    with pytest.raises(ValueError, match=r"1 validation shard\(s\) for 2 rank\(s\).*at least 2 \(the world size\)"):
+        val_batches(1, batch_size=4, val_shards=1)
+
+
+def test_resume_on_another_world_size_continues_the_epoch_share(tokens_cache, caplog):
+    """2 ranks x batch 2 stopped after 3 batches; 1 rank x batch 4 (same global batch) resumes the same epoch at
+    the same share of it; any other changed setting restarts the epoch, with a warning."""
+    two = TargetCacheDataModule(str(tokens_cache), batch_size=2, val_shards=2, seed=1, rank=0, world_size=2)
+    two.setup("fit")
+    it = iter(two.train_dataloader())
+    for _ in range(3):
+        next(it)
+    state = two.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 3)
+
+    one = TargetCacheDataModule(str(tokens_cache), batch_size=4, val_shards=2, seed=1, rank=0, world_size=1)
+    one.setup("fit")
+    one.load_state_dict(state)
+    with caplog.at_level("WARNING"):
+        rest = collect(one.train_dataloader())
+    start = round(3 / two.batches_per_epoch * one.batches_per_epoch)
+    assert 0 < start < one.batches_per_epoch and len(rest) == one.batches_per_epoch - start
+    assert (f"resuming on 1 rank(s) x batch 4 from a run on 2 x 2: epoch 0 continues at batch {start} of "
+            f"{one.batches_per_epoch}") in caplog.text
+
+    reseeded = TargetCacheDataModule(str(tokens_cache), batch_size=4, val_shards=2, seed=2, rank=0, world_size=1)
+    reseeded.setup("fit")
+    reseeded.load_state_dict(state)
+    with caplog.at_level("WARNING"):
+        assert len(collect(reseeded.train_dataloader())) == reseeded.batches_per_epoch
+    assert "epoch 0 starts from its beginning" in caplog.text
+
+
 def test_fit_resumed_from_last_ckpt_trains_on_the_uninterrupted_stream(tokens_cache, target, tmp_path):
     """Trainer.fit(ckpt_path=last) after 5 of 16 steps (12 batches per epoch, 2 workers) sees the same batches
     and reaches the same losses as one uninterrupted run."""

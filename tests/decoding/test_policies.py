@@ -105,3 +105,18 @@ def test_profile_sps_writes_a_table(tmp_path, capsys):
     assert table.num_tokens == [2, 8] == out["num_tokens"] and all(s > 0 for s in table.steps_per_second)
     assert "steps/s" in capsys.readouterr().out
     assert PrefixScheduler(table)(torch.full((2, 3), 0.5), 3, 2).shape == (2,)
+
+
+def test_prefix_scheduler_backend_choice(monkeypatch):
+    """The decision runs in kernels.prefix_schedule; ``backend`` (or DSPARK_KERNEL_BACKEND) picks torch or Triton."""
+    conf = torch.rand(16, 5, generator=torch.Generator().manual_seed(2))
+    table = SpsTable([16, 32, 64], [100.0, 70.0, 30.0])
+    lengths = schedule_prefix(conf, table)
+    assert lengths.dtype == torch.long and lengths.shape == (16,)
+    assert PrefixScheduler(table, backend="torch")(conf, 5, 16).tolist() == lengths.tolist()
+    assert PrefixScheduler(table)(conf, 3, 16).tolist() == schedule_prefix(conf[:, :3], table).tolist()
+    with pytest.raises(ValueError, match="Unknown kernel backend"):
+        PrefixScheduler(table, backend="cuda")(conf, 5, 16)
+    monkeypatch.setenv("DSPARK_KERNEL_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="Unknown kernel backend"):
+        schedule_prefix(conf, table)

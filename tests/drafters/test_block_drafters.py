@@ -647,3 +647,51 @@ def test_golden_llama_target_without_qk_norm():
     torch.testing.assert_close(out.hidden, hidden, **TOL)
     torch.testing.assert_close(logits_of(model, out)[ok], logits[ok], **TOL)
     torch.testing.assert_close(out.confidence_logits.double()[ok], conf[ok], **TOL)
+
+
+# ------------------------------------------------------------------------------------ flex attention
+@pytest.mark.parametrize("layout", ["deepspec", "zlab"])
+def test_flex_attention_matches_the_float64_reference(layout):
+    """The sparse flex-attention mask (what CUDA training uses) gives the golden hidden states and confidences.
+    On CPU flex runs its unfused eager reference, forward only; tests/gpu checks gradients on CUDA."""
+    cfg, spec = variant("dspark-vanilla", layout)
+    model = build(cfg)
+    inputs = make_inputs()
+    hidden, logits, conf, prev_ok = ref_forward(model, spec, inputs)
+    model.backbone.attn_implementation = "flex"
+    with torch.no_grad():
+        out = forward(model, inputs)
+    torch.testing.assert_close(out.hidden, hidden, **TOL)
+    torch.testing.assert_close(out.confidence_logits.double()[prev_ok], conf[prev_ok], **TOL)
+
+
+def test_unknown_attention_implementation_is_named():
+    model = build(make_config("dflash"))
+    model.attn_implementation = "flash"
+    with pytest.raises(ValueError, match="attn_implementation='flash' unknown"):
+        forward(model, make_inputs())
+    model.attn_implementation = "flex"
+    with pytest.raises(ValueError, match="no backward on CPU.*'sdpa' or 'auto'"):
+        forward(model, make_inputs())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["deepspec", "zlab"])
+def test_flex_attention_gradients_match_dense_on_cuda(layout):
+    """Compiled flex attention on CUDA: same forward and parameter gradients as the dense SDPA mask (fp32)."""
+    cfg, _ = variant("dspark-vanilla", layout)
+    dense, flex = build(cfg, torch.float32).cuda(), build(cfg, torch.float32).cuda()
+    dense.backbone.attn_implementation, flex.backbone.attn_implementation = "sdpa", "flex"
+    inputs = {k: v.float().cuda() if v.is_floating_point() else v.cuda() for k, v in make_inputs().items()}
+    anchors, valid = ANCHORS.cuda(), ANCHOR_VALID.cuda()
+    outs = [forward(m, inputs, anchors, valid) for m in (dense, flex)]
+    torch.testing.assert_close(outs[1].hidden, outs[0].hidden, atol=2e-5, rtol=2e-5)
+    for out in outs:
+        (out.hidden.pow(2).sum() + out.confidence_logits.sum()).backward()
+    grads = dict(dense.named_parameters())
+    checked = 0
+    for name, p in flex.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-4, rtol=1e-4, msg=name)
+            checked += 1
+    assert checked > 10

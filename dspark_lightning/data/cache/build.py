@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ...targets import FrozenTarget, TargetConfig, load_target_config, load_tokenizer
-from ..conversations import read_conversations, tokenize_conversation
+from ..conversations import builtin_conversations, read_conversations, tokenize_conversation
 from .format import (
     CACHE_DTYPES,
     CACHE_KIND,
@@ -106,9 +106,10 @@ def read_inputs(inputs: list[str]) -> tuple[list[_Row], list[dict[str, Any]]]:
     rows: list[_Row] = []
     sources = []
     for name in inputs:
-        path = Path(name)
+        path = builtin_conversations(name.split(":", 1)[1]) if name.startswith("builtin:") else Path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"Input file {path} does not exist.")
+            raise FileNotFoundError(f"Input file {path} does not exist; give a JSONL path or a set shipped with "
+                                    f"the package, e.g. 'builtin:smollm2_train'.")
         with path.open(encoding="utf-8") as f:
             first = next((line for line in f if line.strip()), "{}")
         tokens = "input_ids" in json.loads(first)

@@ -387,9 +387,21 @@ class TargetCacheDataModule(L.LightningDataModule):
         slots = self.world_size * self.streams
         dealt = _deal(self.train_ids, counts, slots)
         self._slots = [dealt[r * self.streams:(r + 1) * self.streams] for r in range(self.world_size)]
-        val_dealt = _deal(self.val_ids, counts, slots)
-        self._val_slots = val_dealt[self.rank * self.streams:(self.rank + 1) * self.streams]
+        # Validation shards go to ranks first, then to a rank's worker streams, so that every rank gets one as long
+        # as there are as many as ranks. Validation is lockstep too: under DDP every rank must run the same number
+        # of validation steps (each forward and the metric reduction are collectives), so all stop at the smallest.
+        per_rank_val = [_deal(ids, counts, self.streams) for ids in _deal(self.val_ids, counts, self.world_size)]
+        self._val_slots = per_rank_val[self.rank]
         self._counts = counts
+        val_lengths = [sum(len(_batch_sizes(sum(counts[i] for i in slot), self.batch_size)) for slot in rank_slots)
+                       for rank_slots in per_rank_val]
+        self.val_batches = min(val_lengths) if self.val_ids else 0
+        if self.val_ids and self.val_batches < 1:
+            raise ValueError(
+                f"{self.path}: {n_val} validation shard(s) for {self.world_size} rank(s) leave a rank without a "
+                f"validation batch (ranks would run different numbers of validation steps and hang). Set val_shards "
+                f"to at least {self.world_size} (the world size), "
+                f"or val_shards: 0 with val_fraction: 0 to skip validation.")
         per_rank = self.batch_size * self.world_size
         if self.resampled:
             self.batches_per_epoch = self.samples_per_epoch // per_rank
@@ -501,8 +513,10 @@ class TargetCacheDataModule(L.LightningDataModule):
         self._require_setup()
         if not self.val_ids:
             return []
-        streams = [_Stream(s, slot, _batch_sizes(sum(self._counts[i] for i in slot), self.batch_size))
-                   for s, slot in enumerate(self._val_slots)]
+        lengths = [len(_batch_sizes(sum(self._counts[i] for i in slot), self.batch_size)) for slot in self._val_slots]
+        quota, _ = _interleave(lengths, self.val_batches)
+        streams = [_Stream(s, slot, _batch_sizes(sum(self._counts[i] for i in slot), self.batch_size)[: quota[s]])
+                   for s, slot in enumerate(self._val_slots) if quota[s]]
         dataset = self._dataset()
         dataset.plan = _EpochPlan(epoch=0, rank=self.rank, streams=streams, train=False)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
@@ -535,7 +549,10 @@ class TargetCacheDataModule(L.LightningDataModule):
         start, restored, self._restored = 0, self._restored, None
         if restored is not None:
             settings = self._settings()
-            if restored.get("settings") != settings:
+            rescaled = self._rescaled_position(restored, settings, epoch)
+            if rescaled is not None:
+                epoch, start = restored["epoch"], rescaled
+            elif restored.get("settings") != settings:
                 log.warning("TargetCacheDataModule: the checkpoint's stream settings %s differ from now %s; the "
                             "exact position cannot be restored, epoch %d starts from its beginning.",
                             restored.get("settings"), settings, epoch)
@@ -545,6 +562,26 @@ class TargetCacheDataModule(L.LightningDataModule):
                     epoch, start = epoch + 1, 0
         self._yielded = self._consumed = (epoch, start)
         return epoch, start
+
+    def _rescaled_position(self, restored: dict[str, Any], settings: dict[str, Any], epoch: int) -> int | None:
+        """Resume on another number of ranks (or batch size): the same epoch, continued at the same share of its
+        samples. The shards are dealt anew for the new world size, so this is the same *amount* of data per
+        epoch, not the very same samples (an exact stream needs the same world size and batch size).
+        None when anything else changed."""
+        old = restored.get("settings") or {}
+        scale_keys = ("world_size", "batch_size", "batches_per_epoch")
+        if old == settings or any(old.get(k) != v for k, v in settings.items() if k not in scale_keys):
+            return None
+        if restored["epoch"] != epoch and self.trainer is not None:
+            return None
+        fraction = restored["position"] / max(old["batches_per_epoch"], 1)
+        start = min(round(fraction * self.batches_per_epoch), self.batches_per_epoch)
+        log.warning("TargetCacheDataModule: resuming on %d rank(s) x batch %d from a run on %d x %d: epoch %d "
+                    "continues at batch %d of %d (%.1f%% of the epoch, as before); the shards are dealt anew, so "
+                    "the remaining samples are not exactly the ones the old run would have read.",
+                    self.world_size, self.batch_size, old["world_size"], old["batch_size"], restored["epoch"],
+                    start, self.batches_per_epoch, 100 * fraction)
+        return start
 
     def _end_epoch(self, epoch: int) -> None:
         self._next_epoch = epoch + 1

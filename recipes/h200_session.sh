@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The GPU session behind docs/results/{smollm2,multigpu,performance}.md: one 4-GPU H200 machine lent in calls of
+# at most 10 minutes, files outside the repository kept only while calls follow each other within 30 s.
+#
+#   call 1  bash recipes/h200_session.sh check      carry .device/wheels .device/p1: GPU tests, kernel
+#                                                   benchmarks, first half of the GGUF
+#   call 2  bash recipes/h200_session.sh start      carry .device/wheels .device/p2: GGUF -> HF, regen the
+#                                                   training data (GPUs 0-1) while issue 10 starts (GPUs 2-3),
+#                                                   then the reproduction (GPUs 0-1) beside issue 10
+#   call 3+ bash recipes/h200_session.sh continue   everything resumes where the last call stopped; the
+#                                                   training-step benchmark runs on GPU 2 after issue 10
+#
+# Each call stops its work at BUDGET seconds (SIGINT, then SIGKILL) and copies what exists to $OUT.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+BUDGET=${BUDGET:-540}
+STEPS=${STEPS:-1000}
+export SMOL=/tmp/smol_hf DATA_DIR=/tmp/data RUN7=/tmp/run RUN10=/tmp/mg STEPS
+mkdir -p "$OUT"
+t_start=$SECONDS
+left() { echo $(( BUDGET - (SECONDS - t_start) )); }
+
+deadline() {  # deadline <seconds> <command...>: its own process group, interrupted at the deadline
+  local secs=$1 t=0; shift
+  setsid "$@" &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null && (( t < secs )); do sleep 2; t=$((t + 2)); done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "-- deadline after ${secs}s: interrupting $*"
+    kill -INT -- "-$pid" 2>/dev/null; sleep 15; kill -KILL -- "-$pid" 2>/dev/null
+  fi
+  wait "$pid" 2>/dev/null
+}
+
+reproduction() {  # issue 7 on GPUs 0-1 (one seed per GPU), then the decode benchmark on a quiet GPU 0
+  SMOL_DIR=$SMOL DATA=$DATA_DIR/train.jsonl RUN=$RUN7 GPUS="0 1" SEEDS="0 1" STEPS=$STEPS VAL_EVERY=100 \
+    TEMPS="1.0 0.0" EVAL_SAMPLES=32 MAX_NEW=128 bash recipes/smollm2_gpus.sh
+  CUDA_VISIBLE_DEVICES=0 SMOL_DIR=$SMOL RUN=$RUN7 SEED=0 ALGOS=dspark SKIP_FIT=1 STEPS=$STEPS EVAL_SAMPLES=32 \
+    MAX_NEW=128 DECODE_BENCH=1 DECODE_ARGS="--policies fixed scheduler" bash recipes/smollm2.sh
+}
+
+multigpu() {  # issue 10 on GPUs 2-3
+  CUDA_VISIBLE_DEVICES=2,3 NGPU=2 SMOL_DIR=$SMOL DATA=$DATA_DIR/train.jsonl RUN=$RUN10 bash recipes/multigpu.sh "$@"
+}
+
+train_step() {  # issue 9's training-step table, on GPU 2 once issue 10 is done with it
+  [[ -f /tmp/train_step.done ]] && return
+  CUDA_VISIBLE_DEVICES=2 python benchmarks/train_step.py --algorithms dspark dflash eagle3 --fused --attn sdpa flex \
+    2>&1 | tee /tmp/train_step.out && touch /tmp/train_step.done
+}
+
+collect() {
+  echo "== collect -> $OUT"
+  mkdir -p "$OUT/run" "$OUT/mg" "$OUT/data"
+  (cd "$RUN7" 2>/dev/null && find . \( -name "report.*" -o -name "*.png" -o -name "summary.json" -o -name "sts.json" \
+     -o -name "*.log" -o -name "decode.txt" -o -name "calibration*.json" \) -size -15M -print0 \
+     | xargs -0 -r cp --parents -t "$OUT/run")
+  [[ -f "$RUN7/seed0/dspark/eval_T1.0/rounds.jsonl" ]] && gzip -c "$RUN7/seed0/dspark/eval_T1.0/rounds.jsonl" \
+    > "$OUT/run/seed0_dspark_rounds_T1.0.jsonl.gz"
+  (cd "$RUN10" 2>/dev/null && find . \( -name "summary.json" -o -name "*.log" -o -name "manifest.json" \) -size -15M \
+     -print0 | xargs -0 -r cp --parents -t "$OUT/mg")
+  [[ -f "$DATA_DIR/train.jsonl" ]] && gzip -c "$DATA_DIR/train.jsonl" > "$OUT/data/train.jsonl.gz"
+  cp "$DATA_DIR"/*.log "$OUT/data/" 2>/dev/null
+  cp /tmp/train_step.out "$OUT/" 2>/dev/null
+  nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv > "$OUT/nvidia-smi.csv" 2>/dev/null
+  du -sh "$OUT"
+}
+
+case "${1:-}" in
+  check)
+    bash recipes/h200_prepare.sh wheels && bash recipes/h200_prepare.sh part1
+    nvidia-smi -L
+    python -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/drafters 2>&1 | tail -15
+    python benchmarks/scheduler.py --num-warps 2 4 8 2>&1 | tail -8
+    python benchmarks/markov_sampling.py 2>&1 | tail -14
+    ;;
+  start)
+    bash recipes/h200_prepare.sh wheels && bash recipes/h200_prepare.sh part2 && bash recipes/h200_prepare.sh convert \
+      || exit 1
+    deadline "$(left)" bash -c "$(declare -f multigpu); multigpu synthetic" > /tmp/mg_synthetic.out 2>&1 &
+    synthetic=$!
+    SMOL_DIR=$SMOL OUT=$DATA_DIR GPUS="0 1" PROCS_PER_GPU=3 REGEN_SECONDS=${REGEN_SECONDS:-210} \
+      bash recipes/smollm2_data.sh
+    deadline "$(left)" bash -c "$(declare -f reproduction); reproduction" &
+    repro=$!
+    wait "$synthetic"; cat /tmp/mg_synthetic.out
+    deadline "$(left)" bash -c "$(declare -f multigpu); multigpu smollm2 cache resume"
+    wait "$repro"
+    collect
+    ;;
+  continue)
+    deadline "$(left)" bash -c "$(declare -f reproduction multigpu train_step); reproduction &
+      multigpu synthetic smollm2 cache resume; train_step; wait"
+    collect
+    ;;
+  *) echo "usage: $0 check|start|continue" >&2; exit 2 ;;
+esac
