@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU session behind docs/results/{smollm2,multigpu,performance}.md: one 4-GPU H200 machine lent in calls of
-# at most 10 minutes, files outside the repository kept only while calls follow each other within 30 s.
+# The GPU session behind docs/results/{smollm2,multigpu,performance}.md: one H200 machine with 2 or 4 GPUs lent
+# in calls of at most 10 minutes, files outside the repository kept only while calls follow each other within 30 s.
+# With 4 GPUs issue 10 runs on GPUs 2-3 beside the reproduction; with 2 it runs after it, on both.
 #
 #   call 1  bash recipes/h200_session.sh check      carry .device/wheels .device/p1: GPU tests, kernel
 #                                                   benchmarks, first half of the GGUF
@@ -17,7 +18,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 HF_HUB_OF
 OUT=${OUT:-/tmp/out}
 BUDGET=${BUDGET:-540}
 STEPS=${STEPS:-1000}
-export SMOL=/tmp/smol_hf DATA_DIR=/tmp/data RUN7=/tmp/run RUN10=/tmp/mg STEPS
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+MG_GPUS=$([[ $NGPU -ge 4 ]] && echo 2,3 || echo 0,1)
+export SMOL=/tmp/smol_hf DATA_DIR=/tmp/data RUN7=/tmp/run RUN10=/tmp/mg STEPS NGPU MG_GPUS
 mkdir -p "$OUT"
 t_start=$SECONDS
 left() { echo $(( BUDGET - (SECONDS - t_start) )); }
@@ -41,13 +44,13 @@ reproduction() {  # issue 7 on GPUs 0-1 (one seed per GPU), then the decode benc
     MAX_NEW=128 DECODE_BENCH=1 DECODE_ARGS="--policies fixed scheduler" bash recipes/smollm2.sh
 }
 
-multigpu() {  # issue 10 on GPUs 2-3
-  CUDA_VISIBLE_DEVICES=2,3 NGPU=2 SMOL_DIR=$SMOL DATA=$DATA_DIR/train.jsonl RUN=$RUN10 bash recipes/multigpu.sh "$@"
+multigpu() {  # issue 10 on two GPUs
+  CUDA_VISIBLE_DEVICES=$MG_GPUS NGPU=2 SMOL_DIR=$SMOL DATA=$DATA_DIR/train.jsonl RUN=$RUN10 bash recipes/multigpu.sh "$@"
 }
 
-train_step() {  # issue 9's training-step table, on GPU 2 once issue 10 is done with it
+train_step() {  # issue 9's training-step table, on one of issue 10's GPUs once it is done with them
   [[ -f /tmp/train_step.done ]] && return
-  CUDA_VISIBLE_DEVICES=2 python benchmarks/train_step.py --algorithms dspark dflash eagle3 --fused --attn sdpa flex \
+  CUDA_VISIBLE_DEVICES=${MG_GPUS%%,*} python benchmarks/train_step.py --algorithms dspark dflash eagle3 --fused --attn sdpa flex \
     2>&1 | tee /tmp/train_step.out && touch /tmp/train_step.done
 }
 
@@ -79,20 +82,30 @@ case "${1:-}" in
   start)
     bash recipes/h200_prepare.sh wheels && bash recipes/h200_prepare.sh part2 && bash recipes/h200_prepare.sh convert \
       || exit 1
-    deadline "$(left)" bash -c "$(declare -f multigpu); multigpu synthetic" > /tmp/mg_synthetic.out 2>&1 &
-    synthetic=$!
+    synthetic=
+    if [[ $NGPU -ge 4 ]]; then
+      deadline "$(left)" bash -c "$(declare -f multigpu); multigpu synthetic" > /tmp/mg_synthetic.out 2>&1 &
+      synthetic=$!
+    fi
     SMOL_DIR=$SMOL OUT=$DATA_DIR GPUS="0 1" PROCS_PER_GPU=3 REGEN_SECONDS=${REGEN_SECONDS:-210} \
       bash recipes/smollm2_data.sh
     deadline "$(left)" bash -c "$(declare -f reproduction); reproduction" &
     repro=$!
-    wait "$synthetic"; cat /tmp/mg_synthetic.out
-    deadline "$(left)" bash -c "$(declare -f multigpu); multigpu smollm2 cache resume"
+    if [[ -n $synthetic ]]; then
+      wait "$synthetic"; cat /tmp/mg_synthetic.out
+      deadline "$(left)" bash -c "$(declare -f multigpu); multigpu smollm2 cache resume"
+    fi
     wait "$repro"
     collect
     ;;
   continue)
-    deadline "$(left)" bash -c "$(declare -f reproduction multigpu train_step); reproduction &
-      multigpu synthetic smollm2 cache resume; train_step; wait"
+    if [[ $NGPU -ge 4 ]]; then
+      deadline "$(left)" bash -c "$(declare -f reproduction multigpu train_step); reproduction &
+        multigpu synthetic smollm2 cache resume; train_step; wait"
+    else  # two GPUs: the reproduction first, then issue 10 and the training-step table on a quiet machine
+      deadline "$(left)" bash -c "$(declare -f reproduction multigpu train_step); reproduction;
+        multigpu ${MG_PARTS:-synthetic smollm2 cache resume}; train_step"
+    fi
     collect
     ;;
   *) echo "usage: $0 check|start|continue" >&2; exit 2 ;;
