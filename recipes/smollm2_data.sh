@@ -41,7 +41,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 out, tok, seconds = Path(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[2]), int(sys.argv[3])
 rows = []
-for part in sorted(out.glob("regen*.jsonl")):
+for part in sorted(p for p in out.glob("regen*.jsonl") if "failures" not in p.name):
     for line in part.read_text(encoding="utf-8").split("\n"):
         try:
             rows.append(json.loads(line))

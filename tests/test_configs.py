@@ -113,7 +113,8 @@ def test_every_paper_target_and_algorithm_has_a_config():
                 for size in PAPER_TARGETS for algo in ("dspark", "dflash", "eagle3")}
     assert names == expected
     assert {rel(p) for p in CONFIGS if p.parent.name == "smollm2"} == {
-        "smollm2/dspark.yaml", "smollm2/dflash.yaml", "smollm2/eagle3.yaml", "smollm2/validate.yaml"}
+        "smollm2/dspark.yaml", "smollm2/dflash.yaml", "smollm2/eagle3.yaml", "smollm2/validate.yaml",
+        "smollm2/from_cache.yaml"}
 
 
 # ------------------------------------------------------------------------------------------ paper configs

@@ -280,6 +280,8 @@ def _run_hf(target: TargetConfig, tokenizer_path: str | None, items: list[tuple[
                        ("cpu" if device == "auto" else device))
     model = FrozenTarget.from_config(target, [0], device=dev).model
     tokenizer.padding_side = "left"  # generation continues at the right edge of every row
+    if tokenizer.pad_token is None:  # e.g. a tokenizer read from GGUF: batching needs one; eos is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     gen_kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "pad_token_id": pad, "eos_token_id": eos}

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..drafters import Eagle3
+from ..kernels.markov_sampling import markov_sampler
 from ..targets import FrozenTarget
 from .policies import FixedLength
 from .sampling import verify_chain
@@ -141,11 +142,14 @@ class SpeculativeEngine:
         sts_temperatures: per-position STS temperatures applied to the confidences the policy sees.
         compact_min_slots: compact the target KV cache when it has at least this many slots and at most
             half of them are valid.
+        fused_markov: let a DSpark drafter with a vanilla Markov head sample its block through
+            ``kernels.markov_sampling`` (one fused step per position, Triton on CUDA, Gumbel-max sampling);
+            False keeps the drafter's own loop (``torch.multinomial``).
     """
 
     def __init__(self, target: FrozenTarget, drafter: nn.Module | None = None, *, gamma: int | None = None,
                  policy: Any = None, sts_temperatures: Sequence[float] | None = None,
-                 compact_min_slots: int = 256) -> None:
+                 compact_min_slots: int = 256, fused_markov: bool = True) -> None:
         layer_types = getattr(target.text_config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise ValueError(
@@ -154,6 +158,8 @@ class SpeculativeEngine:
             )
         self.target, self.drafter = target, drafter
         self.is_eagle3 = isinstance(drafter, Eagle3)
+        if fused_markov and hasattr(drafter, "markov_sampler"):
+            drafter.markov_sampler = markov_sampler  # DSpark's vanilla head samples through kernels/ (Triton on CUDA)
         if drafter is None:
             self.gamma = 0
         else:

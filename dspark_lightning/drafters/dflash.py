@@ -195,7 +195,8 @@ class DFlash(nn.Module):
         if choice == "flex" and device.type == "cpu" and torch.is_grad_enabled():
             raise ValueError("attn_implementation='flex' has no backward on CPU (a PyTorch limit); train with "
                              "'sdpa' or 'auto' there, or run under torch.no_grad().")
-        return choice == "flex" or (choice == "auto" and device.type == "cuda")
+        # The compiled flex kernel needs head_dim >= 16 (a PyTorch limit); auto keeps tiny test drafters on sdpa.
+        return choice == "flex" or (choice == "auto" and device.type == "cuda" and self.config.attention_head_dim >= 16)
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,

@@ -21,7 +21,6 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from ..kernels.markov_sampling import gumbel_noise, markov_sample
 from ._layers import init_weights
 from .config import DrafterConfig
 from .dflash import BlockDraftOutput, ContextKVCache, DFlash, Proposal, sample
@@ -83,7 +82,15 @@ class ConfidenceHead(nn.Module):
 
 
 class DSpark(nn.Module):
-    """DFlash backbone + Markov head + confidence head (see module docstring)."""
+    """DFlash backbone + Markov head + confidence head (see module docstring).
+
+    ``markov_sampler``: optional fused replacement of the vanilla head's sampling loop in :meth:`propose`,
+    ``(base [B, K, V], anchor_ids [B], markov_w1 [V, r], markov_w2 [V, r], temperature, generator) -> (tokens
+    [B, K], logits [B, K, V] fp32)``. None (the default, and what Hub copies of this file use) keeps the plain
+    loop; the decoding engine installs ``kernels.markov_sampling.markov_sampler`` (Triton on CUDA).
+    """
+
+    markov_sampler = None
 
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
@@ -144,7 +151,7 @@ class DSpark(nn.Module):
         if self.markov_head is None and self.confidence_head is None:
             tokens, probs = sample(base, temperature, generator)
             return Proposal(tokens, probs)
-        if self.markov_head is not None and self.markov_head.head_type == "vanilla":
+        if self.markov_sampler is not None and self.markov_head is not None and self.markov_head.head_type == "vanilla":
             return self._propose_vanilla(hidden, base, anchor_ids, temperature, generator)
         prev = anchor_ids
         state = self.markov_head.init_state(prev.shape, hidden) if self.markov_head is not None else None
@@ -164,12 +171,11 @@ class DSpark(nn.Module):
 
     def _propose_vanilla(self, hidden: Tensor, base: Tensor, anchor_ids: Tensor, temperature: float,
                          generator: torch.Generator | None) -> Proposal:
-        """The vanilla head's left-to-right loop as one fused kernel step per position (kernels/markov_sampling:
-        Triton on CUDA, the same loop in torch elsewhere), Gumbel-max sampling; confidences vectorised over K."""
-        noise = gumbel_noise(base.shape, generator, base.device) if temperature > 0 else None
+        """The vanilla head's left-to-right loop through :attr:`markov_sampler` (the decoding engine installs the
+        fused kernel of ``kernels/markov_sampling``), then confidences vectorised over K."""
         head = self.markov_head
-        tokens, logits = markov_sample(base, anchor_ids, head.markov_w1.weight, head.markov_w2.weight,
-                                       temperature, noise)
+        tokens, logits = self.markov_sampler(base, anchor_ids, head.markov_w1.weight, head.markov_w2.weight,
+                                             temperature, generator)
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
         else:

@@ -134,3 +134,10 @@ def markov_sample(base_logits: Tensor, prev0: Tensor, w1: Tensor, w2: Tensor, te
                (noise if noise.stride(-1) == 1 else noise.contiguous()) if sampled else None,
                tokens, logits, block_v, num_warps)
     return tokens, logits
+
+
+def markov_sampler(base_logits: Tensor, prev0: Tensor, w1: Tensor, w2: Tensor, temperature: float,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`markov_sample` with its Gumbel noise drawn from ``generator``: the ``DSpark.markov_sampler`` hook."""
+    noise = gumbel_noise(base_logits.shape, generator, base_logits.device) if temperature > 0 else None
+    return markov_sample(base_logits, prev0, w1, w2, temperature, noise)
