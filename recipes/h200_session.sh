@@ -10,6 +10,7 @@
 #                                                   then the reproduction (GPUs 0-1) beside issue 10
 #   call 3+ bash recipes/h200_session.sh continue   everything resumes where the last call stopped; the
 #                                                   training-step benchmark runs on GPU 2 after issue 10
+#   or      bash recipes/h200_session.sh multigpu   issue 10 (MG_PARTS) and the training-step table only
 #
 # Each call stops its work at BUDGET seconds (SIGINT, then SIGKILL) and copies what exists to $OUT.
 set -uo pipefail
@@ -108,5 +109,12 @@ case "${1:-}" in
     fi
     collect
     ;;
-  *) echo "usage: $0 check|start|continue" >&2; exit 2 ;;
+  multigpu)  # issue 10 and the training-step table alone (after check + start's GGUF steps on a fresh machine)
+    [[ -f $DATA_DIR/train.jsonl ]] || SMOL_DIR=$SMOL OUT=$DATA_DIR GPUS="0 1" PROCS_PER_GPU=3 \
+      REGEN_SECONDS=${REGEN_SECONDS:-120} bash recipes/smollm2_data.sh
+    deadline "$(left)" bash -c "$(declare -f multigpu train_step); multigpu ${MG_PARTS:-synthetic smollm2 cache resume};
+      train_step"
+    collect
+    ;;
+  *) echo "usage: $0 check|start|continue|multigpu" >&2; exit 2 ;;
 esac

@@ -12,54 +12,30 @@ cases run again in a fresh interpreter process instead (``test_triton_cases_in_f
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
+import types
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decoration (lazy import below)
-
-import types  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+if not torch.cuda.is_available():  # before anything imports triton (dspark_lightning.kernels does)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dspark_lightning.drafters import DFlash, DrafterConfig, DSpark  # noqa: E402
 from dspark_lightning.kernels import fused_block_loss, triton_available, vocab_ce_l1, vocab_ce_l1_reference  # noqa: E402
+from dspark_lightning.kernels import testing as kernel_testing  # noqa: E402
 from dspark_lightning.kernels.vocab_ce_l1 import resolve_backend  # noqa: E402
 from dspark_lightning.losses import block_drafter_loss  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _triton_runs_here() -> bool:
-    """True on CUDA, or when triton.language was decorated for the interpreter (see the module docstring)."""
-    if not triton_available():
-        return False
-    if DEVICE == "cuda":
-        return True
-    import triton.language as tl
-    from triton.runtime.jit import JITFunction
-
-    return not isinstance(getattr(tl.standard, "zeros", None), JITFunction)
-
-
-TRITON_HERE = _triton_runs_here()
-needs_triton = pytest.mark.skipif(not TRITON_HERE, reason="triton missing, or imported before TRITON_INTERPRET=1 "
-                                  "(then test_triton_cases_in_fresh_process runs these)")
+TRITON_HERE = kernel_testing.triton_runs_here()
+needs_triton = pytest.mark.skipif(not TRITON_HERE, reason=kernel_testing.SKIP_REASON)
 
 
 @pytest.mark.skipif(TRITON_HERE or not triton_available(), reason="the Triton cases run in this process")
 def test_triton_cases_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-           "-k", "triton and not fresh and not gpu"]
-    done = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    kernel_testing.run_triton_cases_in_fresh_process(__file__)
+
 V, H, RANK, GAMMA, B, L = 300, 32, 8, 4, 2, 28
 
 
