@@ -38,11 +38,12 @@ Gumbel noise rather than ``torch.multinomial`` (same distribution, different dra
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
 
-from .vocab_ce_l1 import resolve_backend
+from .vocab_ce_l1 import BACKEND_ENV, resolve_backend
 
 
 def gumbel_noise(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None,
@@ -136,8 +137,24 @@ def markov_sample(base_logits: Tensor, prev0: Tensor, w1: Tensor, w2: Tensor, te
     return tokens, logits
 
 
+# Rows x vocabulary up to which the Triton kernel is used by default. Measured on the H200 (K = 7, r = 256): at
+# B = 1 it is 1.4-2.1x faster than the torch loop (V = 49,152 and 151,936); at B = 32 it is about even with
+# V = 49,152 (0.95-1.22x) and 2x slower with V = 151,936 (docs/results/performance.md).
+TRITON_MAX_ROWS_X_VOCAB = 32 * 49_152
+
+
+def sampler_backend(batch: int, vocab: int) -> str | None:
+    """``torch`` above :data:`TRITON_MAX_ROWS_X_VOCAB` unless ``$DSPARK_KERNEL_BACKEND`` forces a backend;
+    None (the usual dispatch: Triton on CUDA) otherwise."""
+    if os.environ.get(BACKEND_ENV, "auto") != "auto":
+        return None
+    return "torch" if batch * vocab > TRITON_MAX_ROWS_X_VOCAB else None
+
+
 def markov_sampler(base_logits: Tensor, prev0: Tensor, w1: Tensor, w2: Tensor, temperature: float,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`markov_sample` with its Gumbel noise drawn from ``generator``: the ``DSpark.markov_sampler`` hook."""
+    """:func:`markov_sample` with its Gumbel noise drawn from ``generator`` and the backend chosen by size
+    (:func:`sampler_backend`): the ``DSpark.markov_sampler`` hook the decoding engine installs."""
     noise = gumbel_noise(base_logits.shape, generator, base_logits.device) if temperature > 0 else None
-    return markov_sample(base_logits, prev0, w1, w2, temperature, noise)
+    backend = sampler_backend(base_logits.shape[0], base_logits.shape[-1])
+    return markov_sample(base_logits, prev0, w1, w2, temperature, noise, backend=backend)

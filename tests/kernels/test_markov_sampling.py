@@ -251,3 +251,14 @@ def test_gpu_triton_matches_reference_at_drafter_size(temperature):
     got = markov_sample(base, prev0, w1, w2, temperature, noise, backend="triton")
     assert torch.equal(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1], atol=1e-4, rtol=1e-5)
+
+
+def test_engine_hook_keeps_large_batch_times_vocab_on_torch(monkeypatch):
+    """The hook's size rule (H200: Triton loses above 32 rows x 49,152 tokens) and the environment override."""
+    from dspark_lightning.kernels.markov_sampling import TRITON_MAX_ROWS_X_VOCAB, sampler_backend
+
+    monkeypatch.delenv("DSPARK_KERNEL_BACKEND", raising=False)
+    assert sampler_backend(1, 151_936) is None and sampler_backend(32, 49_152) is None
+    assert sampler_backend(32, 151_936) == "torch" and sampler_backend(TRITON_MAX_ROWS_X_VOCAB + 1, 1) == "torch"
+    monkeypatch.setenv("DSPARK_KERNEL_BACKEND", "triton")
+    assert sampler_backend(32, 151_936) is None  # forced: the usual dispatch honours the variable
