@@ -42,6 +42,7 @@ def test_fit_smoke_dspark_from_the_command_line_lowers_the_loss(tmp_path):
     tp = summary["throughput"]  # 40 steps less 5 warm-up, less the step right after the validation at step 20
     assert tp["world_size"] == 1 and tp["timed_steps"] == 40 - 5 - 1
     assert tp["tokens_per_s"] > 0 and tp["tokens_per_s_per_rank"] == [tp["tokens_per_s"]]
+    assert 0.0 < tp["data_wait_fraction"] < 1.0  # the in-process loader takes some, never all, of the step
     assert "tokens/s on 1 rank(s)" in proc.stdout
 
 

@@ -19,7 +19,9 @@ class RunSummary(L.Callback):
 
     Throughput counts the wall time between consecutive training batches (data loading included, validation
     runs excluded) after the first ``window`` steps (warm-up, compilation), and the tokens of those batches
-    (``input_ids``, padding included). Peak accelerator memory is gathered from every rank.
+    (``input_ids``, padding included). The part of it spent between one batch's end and the next batch's start
+    is the loader wait: the loss was read at the batch end (a device sync), so the accelerator idles meanwhile.
+    Peak accelerator memory is gathered from every rank.
 
     Args:
         window: steps averaged for the "first" and "last" training loss, and the warm-up steps left out of
@@ -33,6 +35,12 @@ class RunSummary(L.Callback):
         self.timed_seconds = 0.0
         self.timed_tokens = 0
         self.timed_steps = 0
+        self.data_wait_seconds = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._last_end is not None and len(self.losses) >= self.window:
+            self.data_wait_seconds += time.perf_counter() - self._last_end
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -62,6 +70,7 @@ class RunSummary(L.Callback):
             "world_size": trainer.world_size,
             "timed_steps": self.timed_steps,
             "seconds_per_step": self.timed_seconds / self.timed_steps if self.timed_steps else math.nan,
+            "data_wait_fraction": self.data_wait_seconds / self.timed_seconds if self.timed_seconds else math.nan,
             "tokens_per_s_per_rank": gathered[:, 1].tolist(),
             "tokens_per_s": float(gathered[:, 1].sum()),
             "peak_memory_gib_per_rank": gathered[:, 0].tolist(),
@@ -104,7 +113,8 @@ class RunSummary(L.Callback):
         if tp["timed_steps"]:
             peak = ", ".join(f"{g:.2f}" for g in tp["peak_memory_gib_per_rank"])
             lines.append(f"Throughput: {tp['tokens_per_s']:,.0f} tokens/s on {tp['world_size']} rank(s), "
-                         f"{1e3 * tp['seconds_per_step']:.1f} ms/step; peak memory per rank (GiB): {peak}")
+                         f"{1e3 * tp['seconds_per_step']:.1f} ms/step ({100 * tp['data_wait_fraction']:.1f} % waiting "
+                         f"for data); peak memory per rank (GiB): {peak}")
         lines.append(f"Checkpoint: {info['last_checkpoint']}")
         lines.append(f"Logs and summary.json: {log_dir}")
         print("\n".join(lines), flush=True)
