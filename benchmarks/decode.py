@@ -4,7 +4,8 @@ The target is SmolLM2-135M-Instruct (``targets.smollm2_target()``); the drafter 
 checkpoint (``--ckpt``, e.g. the ``make demo`` run) or is an untrained DSpark of the demo's shape. Prompts are
 the first turns of a shipped suite under the chat template. For every batch size and temperature both
 engines decode the same prompts; the table gives generated tokens per second (prefill included), their
-ratio, tau and the mean verify length. The time of one prefix-scheduler decision for R = 256 requests and
+ratio, tau and the mean verify length; HF ``generate`` of the target alone is timed beside them (the reference
+for the engine's own overhead). The time of one prefix-scheduler decision for R = 256 requests and
 gamma = 7 is printed first.
 
 CPU (small):   python benchmarks/decode.py --device cpu --batch-sizes 1 32 --max-new-tokens 32
@@ -67,6 +68,31 @@ def load_drafter(ckpt: str | None, target_cfg: TargetConfig, target: FrozenTarge
         weights = {k.removeprefix("drafter."): v for k, v in state["state_dict"].items() if k.startswith("drafter.")}
         drafter.load_state_dict(weights)
     return drafter.to(device=device, dtype=target.dtype).eval()
+
+
+def hf_generate_tokens_per_second(target: FrozenTarget, prompts: list[list[int]], max_new_tokens: int,
+                                  temperature: float, seed: int) -> float:
+    """The target alone through HF ``generate`` (left-padded batch, exactly ``max_new_tokens`` per row): the
+    reference our engine's target-alone row is held against."""
+    device = target.device
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        mask[i, width - len(p):] = 1
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(seed)
+    kwargs = dict(attention_mask=mask, min_new_tokens=max_new_tokens, pad_token_id=0, **sampling)
+    target.model.generate(ids, max_new_tokens=8, **{**kwargs, "min_new_tokens": 8})  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    target.model.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return len(prompts) * max_new_tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -142,6 +168,7 @@ def main() -> None:
                                                stop_token_ids=stops, seed=args.seed)
             t = result["target"]
             t_tps = t.num_tokens / t.seconds
+            hf_tps = hf_generate_tokens_per_second(target, prompts, args.max_new_tokens, temperature, args.seed)
             first_tps = None
             for policy in args.policies:
                 s = result[policy]
@@ -149,17 +176,17 @@ def main() -> None:
                 first_tps = first_tps or s_tps
                 tau = float(s.rounds.num_tokens.double().mean())
                 verified = float(s.rounds.proposal_length.double().mean())
-                rows.append((batch, temperature, policy, t_tps, s_tps, s_tps / t_tps, s_tps / first_tps, tau, verified,
-                             t.num_tokens, s.num_tokens))
+                rows.append((batch, temperature, policy, hf_tps, t_tps, s_tps, s_tps / t_tps, s_tps / first_tps, tau,
+                             verified, t.num_tokens, s.num_tokens))
             print(f"  done: batch {batch}, T {temperature:g}", flush=True)
 
     first = args.policies[0]
-    print(f"\n| batch | T | policy | target tok/s | speculative tok/s | speedup | vs {first} | tau "
-          "| verified drafts/round | tokens (target / spec) |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for b, temp, policy, t_tps, s_tps, ratio, vs_first, tau, verify, nt, ns in rows:
-        print(f"| {b} | {temp:g} | {policy} | {t_tps:.1f} | {s_tps:.1f} | {ratio:.2f}x | {vs_first:.2f}x | {tau:.2f} "
-              f"| {verify:.2f} | {nt} / {ns} |")
+    print(f"\n| batch | T | policy | HF generate tok/s | target tok/s (engine) | speculative tok/s | speedup "
+          f"| vs {first} | vs HF generate | tau | verified drafts/round | tokens (target / spec) |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for b, temp, policy, hf_tps, t_tps, s_tps, ratio, vs_first, tau, verify, nt, ns in rows:
+        print(f"| {b} | {temp:g} | {policy} | {hf_tps:.1f} | {t_tps:.1f} | {s_tps:.1f} | {ratio:.2f}x "
+              f"| {vs_first:.2f}x | {s_tps / hf_tps:.2f}x | {tau:.2f} | {verify:.2f} | {nt} / {ns} |")
 
 
 if __name__ == "__main__":
