@@ -55,18 +55,14 @@ train_step() {  # issue 9's training-step table, on one of issue 10's GPUs once 
     2>&1 | tee /tmp/train_step.out && touch /tmp/train_step.done
 }
 
-collect() {
+collect() {  # one tarball per tree: the device tool returns neither deep folders nor many files
   echo "== collect -> $OUT"
-  mkdir -p "$OUT/run" "$OUT/mg" "$OUT/data"
-  (cd "$RUN7" 2>/dev/null && find . \( -name "report.*" -o -name "*.png" -o -name "summary.json" -o -name "sts.json" \
-     -o -name "*.log" -o -name "decode.txt" -o -name "calibration*.json" \) -size -15M -print0 \
-     | xargs -0 -r cp --parents -t "$OUT/run")
+  (cd /tmp && tar czf "$OUT/run.tgz" --exclude='*.ckpt' --exclude='rounds.jsonl' --exclude='events.out*' \
+     "$(basename "$RUN7")" "$(basename "$RUN10")" 2>/dev/null)
   [[ -f "$RUN7/seed0/dspark/eval_T1.0/rounds.jsonl" ]] && gzip -c "$RUN7/seed0/dspark/eval_T1.0/rounds.jsonl" \
-    > "$OUT/run/seed0_dspark_rounds_T1.0.jsonl.gz"
-  (cd "$RUN10" 2>/dev/null && find . \( -name "summary.json" -o -name "*.log" -o -name "manifest.json" \) -size -15M \
-     -print0 | xargs -0 -r cp --parents -t "$OUT/mg")
-  [[ -f "$DATA_DIR/train.jsonl" ]] && gzip -c "$DATA_DIR/train.jsonl" > "$OUT/data/train.jsonl.gz"
-  cp "$DATA_DIR"/*.log "$OUT/data/" 2>/dev/null
+    > "$OUT/seed0_dspark_rounds_T1.0.jsonl.gz"
+  [[ -f "$DATA_DIR/train.jsonl" ]] && gzip -c "$DATA_DIR/train.jsonl" > "$OUT/regen_train.jsonl.gz"
+  (cd "$DATA_DIR" 2>/dev/null && tar czf "$OUT/regen_logs.tgz" ./*.log 2>/dev/null)
   cp /tmp/train_step.out "$OUT/" 2>/dev/null
   nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv > "$OUT/nvidia-smi.csv" 2>/dev/null
   du -sh "$OUT"

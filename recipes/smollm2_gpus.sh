@@ -18,7 +18,7 @@ for seed in $SEEDS; do
   mkdir -p "$RUN/seed$seed"
   for algo in $DRAFTERS; do
     CUDA_VISIBLE_DEVICES=${GPUS[i % ${#GPUS[@]}]} RUN=$RUN SEED=$seed ALGOS=$algo DECODE_BENCH=0 \
-      bash recipes/smollm2.sh > "$RUN/seed$seed/$algo.log" 2>&1 &
+      bash recipes/smollm2.sh >> "$RUN/seed$seed/$algo.log" 2>&1 &  # appended: a resumed call keeps the history
   done
   i=$((i + 1))
 done
