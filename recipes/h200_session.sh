@@ -57,7 +57,7 @@ train_step() {  # issue 9's training-step table, on one of issue 10's GPUs once 
 
 collect() {  # one tarball per tree: the device tool returns neither deep folders nor many files
   echo "== collect -> $OUT"
-  (cd /tmp && tar czf "$OUT/run.tgz" --exclude='*.ckpt' --exclude='rounds.jsonl' --exclude='events.out*' \
+  (cd /tmp && tar czf "$OUT/run.tgz" --exclude='*.ckpt' --exclude='rounds.jsonl' --exclude='events.out*' --exclude='*.tar' \
      "$(basename "$RUN7")" "$(basename "$RUN10")" 2>/dev/null)
   [[ -f "$RUN7/seed0/dspark/eval_T1.0/rounds.jsonl" ]] && gzip -c "$RUN7/seed0/dspark/eval_T1.0/rounds.jsonl" \
     > "$OUT/seed0_dspark_rounds_T1.0.jsonl.gz"
