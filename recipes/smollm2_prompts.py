@@ -20,6 +20,24 @@ TRAIN_SUITES = {"livecodebench": None, "arena-hard-v2": None, "swe-bench": None,
                 "math500": 250}  # suite -> first rows taken (None = all)
 
 
+def training_prompts(tokenizer, max_prompt_tokens: int) -> tuple[list[dict], int]:
+    """The train-split prompts of at most ``max_prompt_tokens`` under the chat template, as ``{id, source, turns,
+    prompt_tokens}`` rows (ids ``<suite>-<line>``, as ``read_conversations`` names rows), and how many were longer."""
+    rows, dropped = [], 0
+    for suite, first in TRAIN_SUITES.items():
+        lines = [line for line in suite_path(suite).read_text(encoding="utf-8").split("\n") if line.strip()]
+        for i, line in enumerate(lines[:first], start=1):
+            turn = json.loads(line)["turns"][0]
+            text = tokenizer.apply_chat_template([{"role": "user", "content": turn}], add_generation_prompt=True,
+                                                 tokenize=False)
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n > max_prompt_tokens:
+                dropped += 1
+                continue
+            rows.append({"id": f"{suite}-{i}", "source": suite, "turns": [turn], "prompt_tokens": n})
+    return rows, dropped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="the target's tokenizer directory (chat template)")
@@ -31,19 +49,7 @@ def main() -> None:
         raise SystemExit(f"--shards {args.shards}: give at least 1.")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    rows, dropped = [], 0
-    for suite, first in TRAIN_SUITES.items():
-        lines = [line for line in suite_path(suite).read_text(encoding="utf-8").split("\n") if line.strip()]
-        for i, line in enumerate(lines[:first], start=1):
-            turn = json.loads(line)["turns"][0]
-            text = tokenizer.apply_chat_template([{"role": "user", "content": turn}], add_generation_prompt=True,
-                                                 tokenize=False)
-            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if n > args.max_prompt_tokens:
-                dropped += 1
-                continue
-            rows.append({"id": f"{suite}-{i}", "source": suite, "turns": [turn], "prompt_tokens": n})
+    rows, dropped = training_prompts(AutoTokenizer.from_pretrained(args.tokenizer), args.max_prompt_tokens)
     rows.sort(key=lambda r: r["prompt_tokens"])  # similar lengths share a generate batch: less padding
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
