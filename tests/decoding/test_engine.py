@@ -194,3 +194,26 @@ def test_sampled_joint_of_first_two_tokens_matches_target(case, make_drafter, ti
     observed = np.append(counts[big], counts[~big].sum())
     expected = np.append(expected[big], expected[~big].sum())
     assert chisquare(observed, expected).pvalue > 0.01
+
+
+def test_engine_installs_the_fused_markov_sampler_and_it_drafts_what_the_loop_drafts(target64, make_drafter,
+                                                                                    tiny_target_config):
+    """The engine hands a vanilla DSpark the kernels' sampler (Gumbel-max); its greedy proposals, probabilities and
+    confidences equal the drafter's own loop, and ``fused_markov=False`` leaves the drafter untouched."""
+    from dspark_lightning.kernels.markov_sampling import markov_sampler
+
+    looped = make_drafter("dspark-vanilla", tiny_target_config())
+    fused = make_drafter("dspark-vanilla", tiny_target_config())
+    SpeculativeEngine(target64, looped, fused_markov=False)
+    SpeculativeEngine(target64, fused)
+    assert looped.markov_sampler is None and fused.markov_sampler is markov_sampler
+    prompts = torch.tensor([[5, 17, 33, 2, 9, 41], [7, 7, 12, 60, 3, 28]])
+    out = target64(prompts)
+    proposals = []
+    for drafter in (looped, fused):
+        cache = drafter.new_cache(len(prompts))
+        drafter.extend_context(cache, out.hidden[:, :-1])
+        proposals.append(drafter.propose(cache, prompts[:, -1], temperature=0.0))
+    torch.testing.assert_close(proposals[1].tokens, proposals[0].tokens, rtol=0, atol=0)
+    torch.testing.assert_close(proposals[1].probs, proposals[0].probs, rtol=0, atol=0)
+    torch.testing.assert_close(proposals[1].confidence, proposals[0].confidence)
