@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 from dspark_lightning.eval.suites import suite_path
@@ -38,24 +39,33 @@ def training_prompts(tokenizer, max_prompt_tokens: int) -> tuple[list[dict], int
     return rows, dropped
 
 
+def length_grouped(rows: list[dict], group: int, seed: int = 0) -> list[dict]:
+    """Rows sorted by prompt length, cut into groups of ``group`` (one ``generate`` batch each: little padding),
+    the groups in a seeded random order: a regen stopped early keeps a spread of lengths, not only the shortest."""
+    ordered = sorted(rows, key=lambda r: (r["prompt_tokens"], r["id"]))
+    groups = [ordered[i:i + group] for i in range(0, len(ordered), group)]
+    random.Random(seed).shuffle(groups)
+    return [row for g in groups for row in g]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="the target's tokenizer directory (chat template)")
     parser.add_argument("--out", required=True, help="directory for shard<i>.jsonl")
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--group", type=int, default=128, help="regen's batch size: rows of similar length")
     args = parser.parse_args()
     if args.shards < 1:
         raise SystemExit(f"--shards {args.shards}: give at least 1.")
     from transformers import AutoTokenizer
 
     rows, dropped = training_prompts(AutoTokenizer.from_pretrained(args.tokenizer), args.max_prompt_tokens)
-    rows.sort(key=lambda r: r["prompt_tokens"])  # similar lengths share a generate batch: less padding
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for s in range(args.shards):
         with (out / f"shard{s}.jsonl").open("w", encoding="utf-8") as f:
-            for row in rows[s::args.shards]:
+            for row in length_grouped(rows[s::args.shards], args.group, seed=s):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"{len(rows)} training prompts in {args.shards} shards under {out} ({dropped} over "
           f"{args.max_prompt_tokens} tokens left out)")

@@ -87,3 +87,15 @@ def test_table_refuses_an_empty_run(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["smollm2_table.py", str(tmp_path)])
     with pytest.raises(SystemExit, match="no reports under"):
         table.main()
+
+
+def test_length_grouped_keeps_batches_tight_and_their_order_mixed():
+    prompts = load("smollm2_prompts")
+    rows = [{"id": f"r{i}", "prompt_tokens": (i * 37) % 101} for i in range(100)]
+    out = prompts.length_grouped(rows, group=10, seed=0)
+    assert sorted(r["id"] for r in out) == sorted(r["id"] for r in rows)
+    groups = [out[i:i + 10] for i in range(0, 100, 10)]
+    assert all([r["prompt_tokens"] for r in g] == sorted(r["prompt_tokens"] for r in g) for g in groups)
+    firsts = [g[0]["prompt_tokens"] for g in groups]
+    assert firsts != sorted(firsts)  # the shortest group is not necessarily first any more
+    assert out == prompts.length_grouped(rows, group=10, seed=0)  # seeded
