@@ -15,12 +15,12 @@ H200:          python benchmarks/decode.py --device cuda --dtype bfloat16 --ckpt
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
 from dspark_lightning.decoding import SpeculativeEngine, SpsTable, build_policy, schedule_prefix
 from dspark_lightning.decoding.sps import profile_sps
@@ -38,17 +38,8 @@ def scheduler_microseconds(device: torch.device, requests: int = 256, gamma: int
     """Median time of one Algorithm 1 decision (sort, cumulative sum, table lookup, per-request counts)."""
     table = SpsTable([requests, 2 * requests, 4 * requests, 8 * requests], [100.0, 90.0, 60.0, 35.0])
     conf = torch.rand(requests, gamma, generator=torch.Generator().manual_seed(0)).to(device)
-    times = []
-    for i in range(calls + 10):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        schedule_prefix(conf, table)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 10:
-            times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+    seconds = median_seconds({"decision": lambda: schedule_prefix(conf, table)}, device, calls, warmup=10)
+    return 1e6 * seconds["decision"]
 
 
 def load_drafter(ckpt: str | None, target_cfg: TargetConfig, target: FrozenTarget | None,

@@ -20,24 +20,13 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 
 
-def median_ms(fn, device: torch.device, iters: int, warmup: int = 2) -> float:
-    times = []
-    for i in range(warmup + iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def median_ms(fn, device: torch.device, iters: int) -> float:
+    return 1e3 * median_seconds({"call": fn}, device, iters)["call"]
 
 
 def main() -> None:

@@ -13,11 +13,10 @@ H200:  python benchmarks/scheduler.py --requests 256 --gamma 7
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import median_seconds
 
 from dspark_lightning.decoding import SpsTable, schedule_prefix
 from dspark_lightning.kernels import prefix_schedule, triton_available
@@ -41,19 +40,7 @@ def baseline(confidence: torch.Tensor, sps: SpsTable) -> torch.Tensor:
 
 def median_microseconds(runs: dict[str, Callable[[], torch.Tensor]], device: torch.device, repeats: int,
                         warmup: int) -> dict[str, float]:
-    """Median wall time of each call, synchronised on CUDA; the runs take turns, so load drifts hit all alike."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(warmup + repeats):
-        for name, fn in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e6 * statistics.median(t) for name, t in times.items()}
+    return {name: 1e6 * t for name, t in median_seconds(runs, device, repeats, warmup).items()}
 
 
 def main() -> None:

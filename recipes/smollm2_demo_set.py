@@ -14,6 +14,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from dspark_lightning.data.conversations import read_conversations
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,10 +29,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     by_source: dict[str, list[dict]] = defaultdict(list)
-    for line in args.regen_output.read_text(encoding="utf-8").split("\n"):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in read_conversations(args.regen_output):
         if not row["id"].endswith("-s0") or row.get("regen", {}).get("finish_reasons") != ["stop"]:
             continue
         text = tokenizer.apply_chat_template(row["conversations"], tokenize=False)

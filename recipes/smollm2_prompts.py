@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from dspark_lightning.eval.suites import suite_path
+from dspark_lightning.eval.suites import read_first_turns, suite_path
 
 TRAIN_SUITES = {"livecodebench": None, "arena-hard-v2": None, "swe-bench": None, "lbpp": None, "aime24": None,
                 "math500": 250}  # suite -> first rows taken (None = all)
@@ -26,9 +26,7 @@ def training_prompts(tokenizer, max_prompt_tokens: int) -> tuple[list[dict], int
     prompt_tokens}`` rows (ids ``<suite>-<line>``, as ``read_conversations`` names rows), and how many were longer."""
     rows, dropped = [], 0
     for suite, first in TRAIN_SUITES.items():
-        lines = [line for line in suite_path(suite).read_text(encoding="utf-8").split("\n") if line.strip()]
-        for i, line in enumerate(lines[:first], start=1):
-            turn = json.loads(line)["turns"][0]
+        for i, turn in enumerate(read_first_turns(suite_path(suite))[:first], start=1):
             text = tokenizer.apply_chat_template([{"role": "user", "content": turn}], add_generation_prompt=True,
                                                  tokenize=False)
             n = len(tokenizer(text, add_special_tokens=False)["input_ids"])

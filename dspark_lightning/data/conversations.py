@@ -17,6 +17,7 @@ works, with no token-count arithmetic on partial texts.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -47,21 +48,26 @@ def read_conversations(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Conversations file {path} does not exist.")
-    rows = []
-    with path.open(encoding="utf-8") as f:
+    return [_parse_row(row, f"{path}:{lineno}", default_id=f"{path.stem}-{lineno}") for lineno, row in iter_jsonl(path)]
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; a line that is not a JSON object raises
+    ValueError naming the file and line."""
+    with Path(path).open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                rows.append(_parse_row(line, f"{path}:{lineno}", default_id=f"{path.stem}-{lineno}"))
-    return rows
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}).") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+            yield lineno, row
 
 
-def _parse_row(line: str, where: str, default_id: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno}).") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+def _parse_row(row: dict[str, Any], where: str, default_id: str) -> dict[str, Any]:
     if "conversations" in row:
         messages = row["conversations"]
         if not isinstance(messages, list) or not messages:
@@ -83,6 +89,16 @@ def _parse_row(line: str, where: str, default_id: str) -> dict[str, Any]:
         return {**rest, "id": row.get("id", default_id), "conversations": messages}
     raise ValueError(f"{where}: a row needs 'conversations' (list of {{role, content}}) or 'turns' (list of "
                      f"strings); it has keys {sorted(row)}.")
+
+
+def conversations_path(spec: str | Path) -> Path:
+    """A JSONL path, or ``builtin:<name>`` for a set shipped with the package; raises if the file is missing."""
+    spec = str(spec)
+    path = builtin_conversations(spec.split(":", 1)[1]) if spec.startswith("builtin:") else Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"Conversations file {path} does not exist; give a JSONL path or a set shipped with "
+                                f"the package, e.g. 'builtin:smollm2_demo'.")
+    return path
 
 
 def builtin_conversations(name: str = "smollm2_demo") -> Path:

@@ -7,7 +7,6 @@ Both modules yield the batch contract of DESIGN.md without target states: ``inpu
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -15,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..targets import TargetConfig, load_target_config, load_tokenizer
-from .conversations import builtin_conversations, read_conversations, tokenize_conversation
+from .conversations import conversations_path, read_conversations, tokenize_conversation
 
 
 def collate_tokens(samples: list[dict[str, Tensor]], pad_id: int = 0) -> dict[str, Tensor]:
@@ -102,19 +101,10 @@ class ConversationsDataModule(_TokenDataModule):
         self.target, self.path, self.max_length = target, path, max_length
         self.max_samples, self.system_prompt = max_samples, system_prompt
 
-    def _resolve_path(self) -> Path:
-        if self.path.startswith("builtin:"):
-            return builtin_conversations(self.path.split(":", 1)[1])
-        path = Path(self.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Conversations file {path} does not exist; give a JSONL path or "
-                                    f"'builtin:smollm2_demo'.")
-        return path
-
     def _make_samples(self) -> list[dict[str, Tensor]]:
         tokenizer = load_tokenizer(self.target)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        rows = read_conversations(self._resolve_path())[: self.max_samples]
+        rows = read_conversations(conversations_path(self.path))[: self.max_samples]
         samples = []
         for row in rows:
             ids, mask = tokenize_conversation(tokenizer, row["conversations"], max_length=self.max_length,

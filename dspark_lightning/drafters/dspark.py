@@ -17,6 +17,7 @@ Design:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +68,30 @@ class MarkovHead(nn.Module):
 
     def bias(self, u: Tensor) -> Tensor:
         return self.markov_w2(u)
+
+
+def sample_left_to_right(base: Tensor, hidden: Tensor, confidence_hidden: Tensor, anchor_ids: Tensor,
+                         markov_head: MarkovHead | None, confidence_head: ConfidenceHead | None,
+                         prev_embed: Callable[[Tensor], Tensor | None], temperature: float,
+                         generator: torch.Generator | None) -> Proposal:
+    """Draft a block position by position: ``base`` [B, K, V] plus the Markov bias of the previous token (its
+    features read ``hidden`` [B, K, H]), the confidence of each position read from ``confidence_hidden`` and the
+    previous token's embedding (``prev_embed``), then a sample from ``softmax(logits / T)``."""
+    prev = anchor_ids
+    state = markov_head.init_state(prev.shape, hidden) if markov_head is not None else None
+    tokens, probs, conf = [], [], []
+    for k in range(base.shape[1]):
+        logits = base[:, k]
+        if markov_head is not None:
+            u, state = markov_head.step(prev, hidden[:, k], state)
+            logits = logits + markov_head.bias(u).to(logits.dtype)
+        if confidence_head is not None:
+            conf.append(torch.sigmoid(confidence_head(confidence_hidden[:, k], prev_embed(prev))))
+        tok, p = sample(logits, temperature, generator)
+        tokens.append(tok)
+        probs.append(p)
+        prev = tok
+    return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(conf, 1) if conf else None)
 
 
 class ConfidenceHead(nn.Module):
@@ -153,21 +178,8 @@ class DSpark(nn.Module):
             return Proposal(tokens, probs)
         if self.markov_sampler is not None and self.markov_head is not None and self.markov_head.head_type == "vanilla":
             return self._propose_vanilla(hidden, base, anchor_ids, temperature, generator)
-        prev = anchor_ids
-        state = self.markov_head.init_state(prev.shape, hidden) if self.markov_head is not None else None
-        tokens, probs, conf = [], [], []
-        for k in range(hidden.shape[1]):
-            logits = base[:, k]
-            if self.markov_head is not None:
-                u, state = self.markov_head.step(prev, hidden[:, k], state)
-                logits = logits + self.markov_head.bias(u).to(logits.dtype)
-            if self.confidence_head is not None:
-                conf.append(torch.sigmoid(self.confidence_head(hidden[:, k], self._prev_embed(prev))))
-            tok, p = sample(logits, temperature, generator)
-            tokens.append(tok)
-            probs.append(p)
-            prev = tok
-        return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(conf, 1) if conf else None)
+        return sample_left_to_right(base, hidden, hidden, anchor_ids, self.markov_head, self.confidence_head,
+                                    self._prev_embed, temperature, generator)
 
     def _propose_vanilla(self, hidden: Tensor, base: Tensor, anchor_ids: Tensor, temperature: float,
                          generator: torch.Generator | None) -> Proposal:

@@ -47,8 +47,8 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
 from ._layers import init_weights
 from .blocks import plan_blocks
 from .config import DrafterConfig
-from .dflash import BlockDraftOutput, ContextKVCache, Proposal, sample
-from .dspark import ConfidenceHead, MarkovHead
+from .dflash import BlockDraftOutput, ContextKVCache, Proposal
+from .dspark import ConfidenceHead, MarkovHead, sample_left_to_right
 
 
 def stage_config(config: DrafterConfig) -> DeepseekV4Config:
@@ -253,18 +253,8 @@ class DSparkV4(nn.Module):
         """Draft gamma tokens: one backbone pass, then the Markov head samples left to right."""
         hidden, collapsed = self.draft_hidden(cache, anchor_ids)
         base = self.compute_logits(hidden)
-        prev, tokens, probs, conf = anchor_ids, [], [], []
-        for k in range(hidden.shape[1]):
-            logits = base[:, k]
-            if self.markov_head is not None:
-                logits = logits + self.markov_head.bias(self.markov_head.step(prev, hidden[:, k], None)[0])
-            if self.confidence_head is not None:
-                conf.append(torch.sigmoid(self.confidence_head(collapsed[:, k], self._prev_embed(prev))))
-            tok, p = sample(logits, temperature, generator)
-            tokens.append(tok)
-            probs.append(p)
-            prev = tok
-        return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(conf, 1) if conf else None)
+        return sample_left_to_right(base, hidden, collapsed, anchor_ids, self.markov_head, self.confidence_head,
+                                    self._prev_embed, temperature, generator)
 
 
 def parameter_counts(drafter: DSparkV4) -> dict[str, int]:

@@ -20,7 +20,6 @@ torchmetrics sums the counters across ranks.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..data.conversations import iter_jsonl
 from ..targets import TargetConfig, load_target_config, load_tokenizer
 
 REFERENCE_CAPS: dict[str, int] = {
@@ -77,18 +77,13 @@ def suite_name(name: str) -> str:
 def read_first_turns(path: Path) -> list[str]:
     """First turn of every ``{"turns": [...]}`` row (a ``conversations`` row gives its first user message)."""
     turns = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "turns" in row and row["turns"]:
-                turns.append(str(row["turns"][0]))
-            elif "conversations" in row:
-                turns.append(next(m["content"] for m in row["conversations"] if m.get("role") == "user"))
-            else:
-                raise ValueError(f"{path}:{lineno}: a suite row needs 'turns' (list of strings); "
-                                 f"got keys {sorted(row)}.")
+    for lineno, row in iter_jsonl(path):
+        if "turns" in row and row["turns"]:
+            turns.append(str(row["turns"][0]))
+        elif "conversations" in row:
+            turns.append(next(m["content"] for m in row["conversations"] if m.get("role") == "user"))
+        else:
+            raise ValueError(f"{path}:{lineno}: a suite row needs 'turns' (list of strings); got keys {sorted(row)}.")
     return turns
 
 

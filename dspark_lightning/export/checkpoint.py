@@ -76,13 +76,17 @@ def build_drafter(config: DrafterConfig, device: torch.device | str | None = Non
         return cls(config)
 
 
+def shape_mismatches(expected: dict[str, tuple[int, ...]],
+                     got: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
+    """Tensor names ``got`` lacks, names it has in excess, and ``"name shape (expected shape)"`` for the rest."""
+    wrong = sorted(f"{k} {got[k]} (expected {expected[k]})" for k in set(got) & set(expected) if got[k] != expected[k])
+    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected)), wrong
+
+
 def check_state_dict(config: DrafterConfig, state_dict: dict[str, Tensor], where: str) -> None:
     """Raise if ``state_dict`` does not hold exactly the tensors (names and shapes) the drafter has."""
     expected = {k: tuple(v.shape) for k, v in build_drafter(config, "meta").state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state_dict.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = sorted(f"{k}: {got[k]} != {expected[k]}" for k in set(got) & set(expected) if got[k] != expected[k])
+    missing, unexpected, wrong = shape_mismatches(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
     if missing or unexpected or wrong:
         raise ValueError(
             f"{where} does not match a {config.algorithm} drafter with this config: missing {missing}, unexpected "

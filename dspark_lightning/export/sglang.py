@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..drafters import DrafterConfig
-from .checkpoint import TrainedDrafter
+from .checkpoint import TrainedDrafter, shape_mismatches
 from .common import EXPORTED_BY, exported_by, family_features, heads, is_qwen3_family, target_base_config
 
 log = logging.getLogger(__name__)
@@ -177,10 +177,7 @@ class IncompleteExportError(ValueError):
 
 
 def check_tensors(serving: str, tensors: dict[str, Tensor], required: dict[str, tuple[int, ...]]) -> None:
-    got = {k: tuple(t.shape) for k, t in tensors.items()}
-    missing = sorted(set(required) - set(got))
-    unexpected = sorted(set(got) - set(required))
-    wrong = sorted(f"{k} {got[k]} (expected {required[k]})" for k in set(got) & set(required) if got[k] != required[k])
+    missing, unexpected, wrong = shape_mismatches(required, {k: tuple(t.shape) for k, t in tensors.items()})
     if missing or unexpected or wrong:
         raise IncompleteExportError(
             f"Refusing to write an SGLang {serving} export that would load partially: missing {missing}, "

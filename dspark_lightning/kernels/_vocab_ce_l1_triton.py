@@ -22,6 +22,27 @@ import triton.language as tl
 
 
 @triton.jit
+def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``cap * tanh(x / cap)`` when capping, tanh written with exp (saturates to +-1 without NaN); else ``x``."""
+    if HAS_SOFTCAP:
+        x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)
+    return x
+
+
+@triton.jit
+def _slice_logits(draft_row, target_row, bias_row, offs, mask, softcap, HAS_BIAS: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr):
+    """One slice of the draft logits ``z`` (capped, plus the bias) and the capped target logits ``zt``, fp32, and
+    the capped draft logits before the bias (pass 3 chains the gradient through the cap with them)."""
+    capped = _capped(tl.load(draft_row + offs, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+    zt = _capped(tl.load(target_row + offs, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+    z = capped
+    if HAS_BIAS:
+        z += tl.load(bias_row + offs, mask=mask, other=0.0).to(tl.float32)
+    return z, zt, capped
+
+
+@triton.jit
 def _vocab_ce_l1_kernel(
     draft_ptr, target_ptr, bias_ptr, grad_draft_ptr, grad_bias_ptr,
     labels_ptr, ce_coef_ptr, l1_coef_ptr, ce_ptr, l1_ptr,
@@ -46,13 +67,7 @@ def _vocab_ce_l1_kernel(
     for start in range(0, n_vocab, BLOCK_V):
         offs = start + cols
         mask = offs < n_vocab
-        z = tl.load(draft_row + offs, mask=mask, other=0.0).to(tl.float32)
-        zt = tl.load(target_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:  # cap * tanh(x / cap), tanh written with exp (saturates to +-1 without NaN)
-            z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * z / softcap)) - 1.0)
-            zt = softcap * (2.0 / (1.0 + tl.exp(-2.0 * zt / softcap)) - 1.0)
-        if HAS_BIAS:
-            z += tl.load(bias_row + offs, mask=mask, other=0.0).to(tl.float32)
+        z, zt, _ = _slice_logits(draft_row, target_row, bias_row, offs, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         z = tl.where(mask, z, float("-inf"))
         zt = tl.where(mask, zt, float("-inf"))
         new_d = tl.maximum(m_d, z)
@@ -66,9 +81,7 @@ def _vocab_ce_l1_kernel(
     top_t = tl.max(m_t, axis=0)
     lse_t = top_t + tl.log(tl.sum(s_t * tl.exp(m_t - top_t), axis=0))
 
-    z_label = tl.load(draft_row + label).to(tl.float32)
-    if HAS_SOFTCAP:
-        z_label = softcap * (2.0 / (1.0 + tl.exp(-2.0 * z_label / softcap)) - 1.0)
+    z_label = _capped(tl.load(draft_row + label).to(tl.float32), softcap, HAS_SOFTCAP)
     if HAS_BIAS:
         z_label += tl.load(bias_row + label).to(tl.float32)
 
@@ -78,13 +91,7 @@ def _vocab_ce_l1_kernel(
     for start in range(0, n_vocab, BLOCK_V):
         offs = start + cols
         mask = offs < n_vocab
-        z = tl.load(draft_row + offs, mask=mask, other=0.0).to(tl.float32)
-        zt = tl.load(target_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * z / softcap)) - 1.0)
-            zt = softcap * (2.0 / (1.0 + tl.exp(-2.0 * zt / softcap)) - 1.0)
-        if HAS_BIAS:
-            z += tl.load(bias_row + offs, mask=mask, other=0.0).to(tl.float32)
+        z, zt, _ = _slice_logits(draft_row, target_row, bias_row, offs, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         p = tl.where(mask, tl.exp(z - lse_d), 0.0)
         q = tl.where(mask, tl.exp(zt - lse_t), 0.0)
         diff = p - q
@@ -105,23 +112,15 @@ def _vocab_ce_l1_kernel(
         for start in range(0, n_vocab, BLOCK_V):
             offs = start + cols
             mask = offs < n_vocab
-            x = tl.load(draft_row + offs, mask=mask, other=0.0).to(tl.float32)
-            zt = tl.load(target_row + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                th = 2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0
-                z = softcap * th
-                zt = softcap * (2.0 / (1.0 + tl.exp(-2.0 * zt / softcap)) - 1.0)
-            else:
-                th = x
-                z = x
-            if HAS_BIAS:
-                z += tl.load(bias_row + offs, mask=mask, other=0.0).to(tl.float32)
+            z, zt, capped = _slice_logits(draft_row, target_row, bias_row, offs, mask, softcap, HAS_BIAS,
+                                          HAS_SOFTCAP)
             p = tl.where(mask, tl.exp(z - lse_d), 0.0)
             q = tl.where(mask, tl.exp(zt - lse_t), 0.0)
             diff = p - q
             sgn = tl.where(diff > 0, 1.0, 0.0) - tl.where(diff < 0, 1.0, 0.0)
             dz = c_l1 * p * (sgn - ps) + c_ce * (p - tl.where(offs == label, 1.0, 0.0))
             if HAS_SOFTCAP:
+                th = capped / softcap  # tanh(x / cap)
                 g = dz * (1.0 - th * th)
             else:
                 g = dz

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ...targets import FrozenTarget, TargetConfig, load_target_config, load_tokenizer
-from ..conversations import builtin_conversations, read_conversations, tokenize_conversation
+from ..conversations import conversations_path, iter_jsonl, read_conversations, tokenize_conversation
 from .format import (
     CACHE_DTYPES,
     CACHE_KIND,
@@ -83,17 +83,13 @@ def _file_digest(path: Path) -> str:
 
 def _read_token_rows(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            ids = row.get("input_ids")
-            mask = row.get("loss_mask", [1] * len(ids) if isinstance(ids, list) else None)
-            if not isinstance(ids, list) or not isinstance(mask, list) or len(ids) != len(mask) or not ids:
-                raise ValueError(f"{path}:{lineno}: a token row needs a non-empty 'input_ids' list and a "
-                                 f"'loss_mask' list of the same length.")
-            rows.append({"id": str(row.get("id", f"{path.stem}-{lineno}")), "input_ids": ids, "loss_mask": mask})
+    for lineno, row in iter_jsonl(path):
+        ids = row.get("input_ids")
+        mask = row.get("loss_mask", [1] * len(ids) if isinstance(ids, list) else None)
+        if not isinstance(ids, list) or not isinstance(mask, list) or len(ids) != len(mask) or not ids:
+            raise ValueError(f"{path}:{lineno}: a token row needs a non-empty 'input_ids' list and a "
+                             f"'loss_mask' list of the same length.")
+        rows.append({"id": str(row.get("id", f"{path.stem}-{lineno}")), "input_ids": ids, "loss_mask": mask})
     return rows
 
 
@@ -106,10 +102,7 @@ def read_inputs(inputs: list[str]) -> tuple[list[_Row], list[dict[str, Any]]]:
     rows: list[_Row] = []
     sources = []
     for name in inputs:
-        path = builtin_conversations(name.split(":", 1)[1]) if name.startswith("builtin:") else Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"Input file {path} does not exist; give a JSONL path or a set shipped with "
-                                    f"the package, e.g. 'builtin:smollm2_train'.")
+        path = conversations_path(name)
         with path.open(encoding="utf-8") as f:
             first = next((line for line in f if line.strip()), "{}")
         tokens = "input_ids" in json.loads(first)
