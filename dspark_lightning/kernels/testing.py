@@ -44,3 +44,17 @@ def run_triton_cases_in_fresh_process(test_file: str, timeout_s: float = 900) ->
                           timeout=timeout_s)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+
+
+def triton_test_kit(test_file: str):
+    """``(needs_triton, test_triton_cases_in_fresh_process)`` for a test module: a skip marker for its Triton cases
+    when they cannot run in this process, and the module-level test that then reruns them in a fresh one."""
+    import pytest
+
+    here = triton_runs_here()
+
+    @pytest.mark.skipif(here or not triton_available(), reason="the Triton cases run in this process")
+    def test_triton_cases_in_fresh_process():
+        run_triton_cases_in_fresh_process(test_file)
+
+    return pytest.mark.skipif(not here, reason=SKIP_REASON), test_triton_cases_in_fresh_process

@@ -22,19 +22,13 @@ if not torch.cuda.is_available():  # before anything imports triton (dspark_ligh
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dspark_lightning.drafters import DFlash, DrafterConfig, DSpark  # noqa: E402
-from dspark_lightning.kernels import fused_block_loss, triton_available, vocab_ce_l1, vocab_ce_l1_reference  # noqa: E402
+from dspark_lightning.kernels import fused_block_loss, vocab_ce_l1, vocab_ce_l1_reference  # noqa: E402
 from dspark_lightning.kernels import testing as kernel_testing  # noqa: E402
 from dspark_lightning.kernels.vocab_ce_l1 import resolve_backend  # noqa: E402
 from dspark_lightning.losses import block_drafter_loss  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_HERE = kernel_testing.triton_runs_here()
-needs_triton = pytest.mark.skipif(not TRITON_HERE, reason=kernel_testing.SKIP_REASON)
-
-
-@pytest.mark.skipif(TRITON_HERE or not triton_available(), reason="the Triton cases run in this process")
-def test_triton_cases_in_fresh_process():
-    kernel_testing.run_triton_cases_in_fresh_process(__file__)
+needs_triton, test_triton_cases_in_fresh_process = kernel_testing.triton_test_kit(__file__)
 
 V, H, RANK, GAMMA, B, L = 300, 32, 8, 4, 2, 28
 

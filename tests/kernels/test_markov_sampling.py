@@ -17,17 +17,11 @@ import torch
 if not torch.cuda.is_available():  # before anything imports triton (dspark_lightning.kernels does)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dspark_lightning.kernels import gumbel_noise, markov_sample, markov_sample_reference, triton_available  # noqa: E402
+from dspark_lightning.kernels import gumbel_noise, markov_sample, markov_sample_reference  # noqa: E402
 from dspark_lightning.kernels import testing as kernel_testing  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_HERE = kernel_testing.triton_runs_here()
-needs_triton = pytest.mark.skipif(not TRITON_HERE, reason=kernel_testing.SKIP_REASON)
-
-
-@pytest.mark.skipif(TRITON_HERE or not triton_available(), reason="the Triton cases run in this process")
-def test_triton_cases_in_fresh_process():
-    kernel_testing.run_triton_cases_in_fresh_process(__file__)
+needs_triton, test_triton_cases_in_fresh_process = kernel_testing.triton_test_kit(__file__)
 
 
 def inputs(b, k, v, r, dtype=torch.float32, seed=0, device="cpu", scale=3.0):

@@ -18,17 +18,11 @@ if not torch.cuda.is_available():  # before anything imports triton (dspark_ligh
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dspark_lightning.decoding import PrefixScheduler, SpsTable, schedule_prefix  # noqa: E402
-from dspark_lightning.kernels import prefix_schedule, prefix_schedule_reference, triton_available  # noqa: E402
+from dspark_lightning.kernels import prefix_schedule, prefix_schedule_reference  # noqa: E402
 from dspark_lightning.kernels import testing as kernel_testing  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_HERE = kernel_testing.triton_runs_here()
-needs_triton = pytest.mark.skipif(not TRITON_HERE, reason=kernel_testing.SKIP_REASON)
-
-
-@pytest.mark.skipif(TRITON_HERE or not triton_available(), reason="the Triton cases run in this process")
-def test_triton_cases_in_fresh_process():
-    kernel_testing.run_triton_cases_in_fresh_process(__file__)
+needs_triton, test_triton_cases_in_fresh_process = kernel_testing.triton_test_kit(__file__)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
