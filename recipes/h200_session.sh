@@ -26,17 +26,7 @@ mkdir -p "$OUT"
 t_start=$SECONDS
 left() { echo $(( BUDGET - (SECONDS - t_start) )); }
 
-deadline() {  # deadline <seconds> <command...>: its own process group, interrupted at the deadline
-  local secs=$1 t=0; shift
-  setsid "$@" &
-  local pid=$!
-  while kill -0 "$pid" 2>/dev/null && (( t < secs )); do sleep 2; t=$((t + 2)); done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "-- deadline after ${secs}s: interrupting $*"
-    kill -INT -- "-$pid" 2>/dev/null; sleep 15; kill -KILL -- "-$pid" 2>/dev/null
-  fi
-  wait "$pid" 2>/dev/null
-}
+source recipes/deadline.sh
 
 reproduction() {  # issue 7 on GPUs 0-1 (one seed per GPU), then the decode benchmark on a quiet GPU 0
   SMOL_DIR=$SMOL DATA=$DATA_DIR/train.jsonl RUN=$RUN7 GPUS="0 1" SEEDS="0 1" STEPS=$STEPS VAL_EVERY=100 \

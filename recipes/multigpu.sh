@@ -7,6 +7,9 @@
 #
 #   SMOL_DIR=/tmp/smol_hf DATA=/tmp/data/train.jsonl RUN=/tmp/mg bash recipes/multigpu.sh smollm2 synthetic ...
 # Each fit writes <RUN>/<name>/.../summary.json (steps, losses, tokens/s per rank, peak memory per rank).
+# GPU_COUNTS (default "1 NGPU") picks the world sizes of smollm2, synthetic and cache; parts given different
+# CUDA_VISIBLE_DEVICES and GPU_COUNTS can run side by side (names carry strategy and GPU count). resume trains on
+# NGPU GPUs, then continues on 1, from RESUME_CACHE (default the NGPU-process cache).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -41,6 +44,7 @@ fit() {  # fit <name> <args...>: one run, its log beside it, the summary line pr
 MULTI_STRATEGIES=${MULTI_STRATEGIES:-"ddp fsdp"}
 DEVICE_ARGS=${DEVICE_ARGS:-}   # e.g. "--trainer.accelerator cpu --trainer.precision 32-true" for a CPU dry run
 common+=($DEVICE_ARGS)
+GPU_COUNTS=${GPU_COUNTS:-"1 $NGPU"}
 strategies() { [[ $1 == 1 ]] && echo auto || echo "$MULTI_STRATEGIES"; }
 parts=("$@")
 [[ ${#parts[@]} == 0 ]] && parts=(smollm2 synthetic cache resume)
@@ -48,19 +52,19 @@ parts=("$@")
 for part in "${parts[@]}"; do
   case $part in
     smollm2)
-      for n in 1 "$NGPU"; do for s in $(strategies "$n"); do
+      for n in $GPU_COUNTS; do for s in $(strategies "$n"); do
         fit "smollm2_${s}_${n}gpu" --config configs/smollm2/dspark.yaml "${target[@]}" \
           --data.init_args.path "$DATA" --data.init_args.max_length 1024 \
           --data.init_args.batch_size $((GLOBAL_BATCH / n)) --trainer.devices "$n" --trainer.strategy "$s" \
           --trainer.max_steps "$STEPS" --trainer.val_check_interval "$STEPS"
       done; done ;;
     synthetic)
-      for n in 1 "$NGPU"; do for s in $(strategies "$n"); do
+      for n in $GPU_COUNTS; do for s in $(strategies "$n"); do
         fit "synthetic8b_${s}_${n}gpu" --config configs/multigpu/synthetic_qwen3_8b_width.yaml \
           --trainer.devices "$n" --trainer.strategy "$s" --trainer.max_steps 30 --trainer.val_check_interval 30
       done; done ;;
     cache)
-      for n in 1 "$NGPU"; do
+      for n in $GPU_COUNTS; do
         out="$RUN/cache_${n}gpu"
         [[ -f "$out/manifest.json" ]] && { echo "== cache $n GPU(s): built before"; continue; }
         echo "== cache build, $n process(es)"
@@ -78,7 +82,7 @@ print(f"   manifest: {m['num_samples']} samples, {len(m['shards'])} shards, per 
 PYEOF
       done ;;
     resume)
-      cache="$RUN/cache_${NGPU}gpu"
+      cache=${RESUME_CACHE:-$RUN/cache_${NGPU}gpu}
       half=$((STEPS / 2))
       base=(--config configs/smollm2/dspark.yaml --config configs/smollm2/from_cache.yaml "${target[@]}"
             --data.init_args.path "$cache" --trainer.val_check_interval "$half")

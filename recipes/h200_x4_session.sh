@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Issue 10 on a 4-GPU H200 machine (nvidia-h200-x4), with issue 9's training-step table and issue 4's decode rows
+# on GPUs the multi-GPU runs leave free. Three calls of at most 10 minutes, each within 30 s of the previous one
+# (files outside the repository live only while the machine stays warm):
+#
+#   call 1  carry .device/wheels .device/p1   bash recipes/h200_x4_session.sh one
+#           GPU 0: the flex-attention GPU test, then benchmarks/train_step.py; GPUs 1 | 2-3: the synthetic
+#           Qwen3-8B-width drafter on 1 and 2 GPUs (ddp, fsdp); then on all 4
+#   call 2  carry .device/wheels .device/p2   bash recipes/h200_x4_session.sh two
+#           GGUF -> HF; SmolLM2 DSpark online on 1 | 2 GPUs beside a 1-process cache build; then 4 GPUs, and the
+#           4-process cache build
+#   call 3  carry .device/wheels              bash recipes/h200_x4_session.sh three
+#           whatever an earlier call left unfinished; then resume 2 GPUs -> 1 GPU from the cache (GPUs 2-3) beside
+#           benchmarks/decode.py on GPU 0 with the 1-GPU SmolLM2 drafter
+#
+# Every call stops its work at BUDGET seconds and copies $RUN (without checkpoints and cache shards) to $OUT.
+# Runs side by side share the host (64 cores), not GPUs. Fits marked done are skipped, so a call may be repeated.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+BUDGET=${BUDGET:-540}
+export RUN=/tmp/mg SMOL=/tmp/smol_hf DATA=/tmp/data/train.jsonl
+export STEPS=${STEPS:-300}  # x global batch 16 = the 4,800 sequences of the docs/results/smollm2.md drafters
+mkdir -p "$OUT" "$RUN"
+t_start=$SECONDS
+left() { echo $(( BUDGET - 20 - (SECONDS - t_start) )); }
+source recipes/deadline.sh
+
+mg() {  # mg <visible GPUs> <world sizes> <parts...>: recipes/multigpu.sh on those GPUs, its output in $RUN/mg.out
+  local gpus=$1 counts=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpus GPU_COUNTS="$counts" NGPU=$(( $(tr -cd , <<< "$gpus" | wc -c) + 1 )) SMOL_DIR=$SMOL \
+    DATA=$DATA bash recipes/multigpu.sh "$@" 2>&1 | sed "s/^/[$gpus] /" | tee -a "$RUN/mg.out"
+}
+
+train_step() {  # issue 9's table on one GPU
+  [[ -f $RUN/train_step.done ]] && return
+  python -m pytest -q -m gpu -p no:cacheprovider tests/drafters -k flex 2>&1 | tail -4 | tee "$RUN/gpu_tests.out"
+  python benchmarks/train_step.py --algorithms dspark dflash eagle3 --fused --attn sdpa flex 2>&1 \
+    | tee "$RUN/train_step.out" && touch "$RUN/train_step.done"
+}
+
+decode() {  # issue 4's rows (T = 0 and 1, batch 1 and 32, fixed vs scheduler) and issue 9's profile
+  [[ -f $RUN/decode.done ]] && return
+  local ckpt=$RUN/smollm2_auto_1gpu/checkpoints/last.ckpt
+  [[ -f $ckpt ]] || { echo "!! no 1-GPU SmolLM2 checkpoint for the decode benchmark"; return; }
+  python benchmarks/decode.py --ckpt "$ckpt" --target-path "$SMOL" --batch-sizes 1 32 --temperatures 0 1 \
+    --max-new-tokens 128 --policies fixed scheduler --profile 32 2>&1 | tee "$RUN/decode.out" \
+    && touch "$RUN/decode.done"
+}
+
+collect() {
+  echo "== collect -> $OUT"
+  (cd "$(dirname "$RUN")" && tar czf "$OUT/mg.tgz" --exclude='*.ckpt' --exclude='*.tar' --exclude='events.out*' \
+    "$(basename "$RUN")")
+  nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv > "$OUT/nvidia-smi.csv" 2>/dev/null
+  du -sh "$OUT"
+}
+
+bash recipes/h200_prepare.sh wheels || exit 1
+case "${1:-}" in
+  one)
+    bash recipes/h200_prepare.sh part1
+    export -f mg train_step
+    deadline "$(left)" bash -c '
+      CUDA_VISIBLE_DEVICES=0 train_step &
+      mg 1 1 synthetic &
+      mg 2,3 2 synthetic
+      wait
+      mg 0,1,2,3 4 synthetic'
+    ;;
+  two)
+    bash recipes/h200_prepare.sh part2 && bash recipes/h200_prepare.sh convert || exit 1
+    mkdir -p "$(dirname "$DATA")" && gunzip -c docs/results/smollm2/regen_train.jsonl.gz > "$DATA"
+    export -f mg
+    deadline "$(left)" bash -c '
+      mg 0 1 smollm2 &
+      mg 3 1 cache &
+      mg 1,2 2 smollm2
+      wait
+      mg 0,1,2,3 4 smollm2 cache'
+    ;;
+  three)
+    export -f mg train_step decode
+    deadline "$(left)" bash -c '
+      mg 0,1,2,3 4 synthetic smollm2 cache
+      CUDA_VISIBLE_DEVICES=0 decode &
+      RESUME_CACHE=$RUN/cache_4gpu mg 2,3 2 resume
+      wait
+      CUDA_VISIBLE_DEVICES=1 train_step'
+    ;;
+  *) echo "usage: $0 one|two|three" >&2; exit 2 ;;
+esac
+collect
