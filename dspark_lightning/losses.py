@@ -184,7 +184,9 @@ def _fused_head(compute_logits: Callable[..., Tensor]) -> tuple[Tensor, Tensor |
     markov_head = getattr(owner, "markov_head", None)
     w2 = markov_head.markov_w2.weight if markov_head is not None else None
     cap = getattr(owner.config, "final_logit_softcapping", None) if isinstance(owner, (DFlash, DSpark)) else None
-    return owner.lm_head.weight, w2, cap
+    # detach: the head is frozen by design, but under FSDP (use_orig_params) its weight is a view of a flat
+    # parameter that requires grad
+    return owner.lm_head.weight.detach(), w2, cap
 
 
 def _fused_ce_l1(compute_logits: Callable[..., Tensor], hidden: Tensor, markov: Tensor | None, target: Tensor,

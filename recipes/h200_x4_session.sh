@@ -4,14 +4,14 @@
 # (files outside the repository live only while the machine stays warm):
 #
 #   call 1  carry .device/wheels .device/p1   bash recipes/h200_x4_session.sh one
-#           GPU 0: the flex-attention GPU test, then benchmarks/train_step.py; GPUs 1 | 2-3: the synthetic
-#           Qwen3-8B-width drafter on 1 and 2 GPUs (ddp, fsdp); then on all 4
+#           the synthetic Qwen3-8B-width drafter on 2 GPUs, ddp (GPUs 0-1) beside fsdp (GPUs 2-3); then, with
+#           TRAIN_STEP=1, the flex-attention GPU test and benchmarks/train_step.py on GPU 0
 #   call 2  carry .device/wheels .device/p2   bash recipes/h200_x4_session.sh two
-#           GGUF -> HF; SmolLM2 DSpark online on 1 | 2 GPUs beside a 1-process cache build; then 4 GPUs, and the
-#           4-process cache build
+#           GGUF -> HF; SmolLM2 DSpark online on 1 GPU (0) | 2 GPUs (1-2) beside a 1-process cache build (3);
+#           then on 4 GPUs (ddp), and the 4-process cache build
 #   call 3  carry .device/wheels              bash recipes/h200_x4_session.sh three
-#           whatever an earlier call left unfinished; then resume 2 GPUs -> 1 GPU from the cache (GPUs 2-3) beside
-#           benchmarks/decode.py on GPU 0 with the 1-GPU SmolLM2 drafter
+#           benchmarks/decode.py on GPU 0 with the 1-GPU SmolLM2 drafter, beside resume 2 GPUs -> 1 GPU from the
+#           4-process cache (GPUs 2-3, RESUME_STEPS); then whatever an earlier call left unfinished
 #
 # Every call stops its work at BUDGET seconds and copies $RUN (without checkpoints and cache shards) to $OUT.
 # Runs side by side share the host (64 cores), not GPUs. Fits marked done are skipped, so a call may be repeated.
@@ -63,11 +63,10 @@ case "${1:-}" in
     bash recipes/h200_prepare.sh part1
     export -f mg train_step
     deadline "$(left)" bash -c '
-      CUDA_VISIBLE_DEVICES=0 train_step &
-      mg 1 1 synthetic &
-      mg 2,3 2 synthetic
+      mg 0,1 2 synthetic &
+      MULTI_STRATEGIES=fsdp mg 2,3 2 synthetic
       wait
-      mg 0,1,2,3 4 synthetic'
+      [[ -n ${TRAIN_STEP:-} ]] && CUDA_VISIBLE_DEVICES=0 train_step'
     ;;
   two)
     bash recipes/h200_prepare.sh part2 && bash recipes/h200_prepare.sh convert || exit 1
@@ -76,18 +75,17 @@ case "${1:-}" in
     deadline "$(left)" bash -c '
       mg 0 1 smollm2 &
       mg 3 1 cache &
-      mg 1,2 2 smollm2
+      MULTI_STRATEGIES=ddp mg 1,2 2 smollm2
       wait
-      mg 0,1,2,3 4 smollm2 cache'
+      MULTI_STRATEGIES=ddp mg 0,1,2,3 4 smollm2 cache'
     ;;
   three)
-    export -f mg train_step decode
+    export -f mg decode
     deadline "$(left)" bash -c '
-      mg 0,1,2,3 4 synthetic smollm2 cache
       CUDA_VISIBLE_DEVICES=0 decode &
-      RESUME_CACHE=$RUN/cache_4gpu mg 2,3 2 resume
+      STEPS=${RESUME_STEPS:-60} RESUME_CACHE=$RUN/cache_4gpu MULTI_STRATEGIES=ddp mg 2,3 2 resume
       wait
-      CUDA_VISIBLE_DEVICES=1 train_step'
+      MULTI_STRATEGIES=fsdp mg 0,1,2,3 4 smollm2'
     ;;
   *) echo "usage: $0 one|two|three" >&2; exit 2 ;;
 esac

@@ -255,6 +255,15 @@ class DrafterModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.drafter.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
+        trainer = self._trainer
+        clip = trainer.gradient_clip_val if trainer is not None else None
+        precision = str(trainer.precision) if trainer is not None else ""
+        if optimizer.defaults.get("fused") and clip and "mixed" in precision:
+            raise ValueError(
+                f"{type(optimizer).__name__}(fused=True) cannot be combined with trainer.gradient_clip_val={clip} "
+                f"under precision {precision!r}: Lightning refuses to clip gradients a fused optimizer unscales "
+                f"itself. Drop the optimizer's `fused: true` or set `trainer.gradient_clip_val: null`."
+            )
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
         else:

@@ -392,6 +392,21 @@ def test_block_drafter_loss_fused_needs_a_drafter_method():
         block_drafter_loss(out, lambda h, m=None: model.compute_logits(h), inputs["last"], fused=True)
 
 
+def test_block_drafter_loss_fused_with_a_head_that_requires_grad():
+    """Under FSDP (use_orig_params) the frozen head's weight is a view of a flat parameter that requires grad:
+    the fused loss treats it as frozen (same loss and drafter gradients, none for the head)."""
+    algorithm, markov, softcap, kw = DRAFTER_CASES["dspark"]
+    model = tiny_drafter(algorithm, torch.float64, softcap, markov)
+    inputs = drafter_inputs(torch.float64)
+    ref, ref_grads = run_loss(model, inputs, True, **kw)
+    model.lm_head.weight.requires_grad_(True)
+    got, got_grads = run_loss(model, inputs, True, **kw)
+    assert model.lm_head.weight.grad is None
+    torch.testing.assert_close(got.loss.detach(), ref.loss.detach(), atol=0, rtol=0)
+    for n, want in ref_grads.items():
+        torch.testing.assert_close(got_grads[n], want, atol=0, rtol=0, msg=n)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 QWEN3_VOCAB = 151936
 
