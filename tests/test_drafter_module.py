@@ -31,3 +31,17 @@ def test_fused_optimizer_with_clipping_under_amp_is_refused_with_the_fix():
     for clip, precision in ((None, "bf16-mixed"), (1.0, "32-true")):
         out = module_with(fused, clip, precision).configure_optimizers()
         assert out["optimizer"].defaults["fused"] is True
+
+
+def test_gradient_clipping_under_fsdp_clips_through_the_wrapped_module(monkeypatch):
+    """Lightning's FSDP precision plugin refuses norm clipping; the module hands it to the FSDP root module."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    calls = []
+    strategy = FSDPStrategy.__new__(FSDPStrategy)  # no process group: only the type and .model are used
+    monkeypatch.setattr(FSDPStrategy, "model", SimpleNamespace(clip_grad_norm_=calls.append), raising=False)
+    module = module_with(lambda p: torch.optim.AdamW(p), 1.0, "bf16-mixed")
+    module._trainer.strategy = strategy
+    module.configure_gradient_clipping(None, 0.5, "norm")
+    module.configure_gradient_clipping(None, 0.25, None)  # Lightning passes None for its default, norm
+    assert calls == [0.5, 0.25]

@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 from ..drafters import DFlash, DrafterConfig, DSpark, Eagle3
@@ -252,6 +253,16 @@ class DrafterModule(L.LightningModule):
             self.decoding.on_validation_epoch_end(self)
 
     # ------------------------------------------------------------------ optim
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's default, except under FSDP, whose precision plugin refuses to clip by norm: there the
+        wrapped root module clips its sharded gradients by their global norm itself."""
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) \
+                and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.drafter.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)

@@ -9,7 +9,7 @@ import torch
 
 from dspark_lightning.decoding import ConfidenceThreshold, FixedLength, PrefixScheduler, SpsTable, schedule_prefix
 from dspark_lightning.decoding.policies import build_policy
-from dspark_lightning.decoding.sps import profile_sps
+from dspark_lightning.decoding.sps import isotonic_fit, profile_sps
 
 
 def test_fixed_and_threshold_lengths():
@@ -81,9 +81,10 @@ def test_appendix_a_counterexample_best_budget_is_not_causal():
 
 
 def test_sps_table_interpolates_step_time_and_loads(tmp_path):
-    table = SpsTable([8, 16, 32], [100.0, 50.0, 60.0])  # a noisy bump at 32: step time made non-decreasing
+    table = SpsTable([8, 16, 32], [100.0, 50.0, 60.0])  # a noisy dip at 32: pooled with 16 (isotonic fit)
+    pooled = (1 / 50 + 1 / 60) / 2
     assert torch.allclose(table.step_time(torch.tensor([4, 8, 12, 16, 32, 48])),
-                          torch.tensor([0.01, 0.01, 0.015, 0.02, 0.02, 0.02], dtype=torch.float64))
+                          torch.tensor([0.01, 0.01, (0.01 + pooled) / 2, pooled, pooled, pooled], dtype=torch.float64))
     path = tmp_path / "sps.json"
     path.write_text(json.dumps({"num_tokens": [8, 16], "steps_per_second": [100.0, 50.0]}))
     assert float(SpsTable.load(path)(torch.tensor(12))) == pytest.approx(1 / 0.015)
@@ -91,6 +92,25 @@ def test_sps_table_interpolates_step_time_and_loads(tmp_path):
     assert SpsTable.load(path).num_tokens == [8, 16]
     with pytest.raises(ValueError, match="strictly increasing"):
         SpsTable([8, 8], [1.0, 1.0])
+
+
+def test_isotonic_fit_pools_violators():
+    assert isotonic_fit([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert isotonic_fit([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
+    assert isotonic_fit([1.0, 2.0, 2.0, 5.0]) == [1.0, 2.0, 2.0, 5.0]  # already monotone: unchanged
+    # the H200 batch-1 profile taken beside other jobs (steps/s at B = 1..8): a spike at B = 2
+    sps = [40.14, 26.24, 40.14, 40.30, 33.81, 37.80, 37.94, 38.01]
+    times = [1 / s for s in sps]
+    fit = isotonic_fit(times)
+    assert all(a <= b for a, b in zip(fit, fit[1:]))
+    assert sum(fit) == pytest.approx(sum(times))  # each pooled block keeps its mean
+    assert fit[0] == pytest.approx(times[0]) and fit[1] / fit[0] < 1.2  # a running max would give 1.53
+    # the least-squares property against every other monotone candidate on a grid
+    cands = [[a, b, c] for a in range(5) for b in range(5) for c in range(5) if a <= b <= c]
+    data = [3.0, 0.0, 4.0]
+    best = min(cands, key=lambda c: sum((x - y) ** 2 for x, y in zip(c, data)))
+    fit = isotonic_fit(data)
+    assert sum((x - y) ** 2 for x, y in zip(fit, data)) <= sum((x - y) ** 2 for x, y in zip(best, data))
 
 
 def test_profile_sps_writes_a_table(tmp_path, capsys):
