@@ -98,7 +98,8 @@ def print_profile(name: str, engine: SpeculativeEngine, prompt: list[int], token
     events = prof.key_averages()
     kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
     syncs = sum(e.count for e in events if e.key in ("cudaDeviceSynchronize", "cudaStreamSynchronize"))
-    print(f"\n## profile: {name}, {made} tokens in {out.seconds * 1e3:.0f} ms ({out.seconds * 1e3 / made:.2f} ms/token, "
+    ms = out.seconds * 1e3
+    print(f"\n## profile: {name}, {made} tokens in {ms:.0f} ms ({ms / made:.2f} ms/token, "
           f"{len(out.rounds.draft_seconds)} rounds): {kernels / made:.0f} device kernels and {syncs / made:.1f} "
           f"synchronising calls per token")
     for sort in ("self_cpu_time_total", "self_device_time_total" if engine.device.type == "cuda" else None):

@@ -44,6 +44,9 @@ def test_fit_smoke_dspark_from_the_command_line_lowers_the_loss(tmp_path):
     assert tp["tokens_per_s"] > 0 and tp["tokens_per_s_per_rank"] == [tp["tokens_per_s"]]
     assert 0.0 < tp["data_wait_fraction"] < 1.0  # the in-process loader takes some, never all, of the step
     assert "tokens/s on 1 rank(s)" in proc.stdout
+    startup = summary["startup_seconds"]  # phases in order: setup, sanity check, the 5 warm-up steps
+    assert list(startup) == ["setup", "sanity_check", "first_steps"] and all(v >= 0 for v in startup.values())
+    assert "Start-up: setup" in proc.stdout
 
 
 @pytest.mark.parametrize("algorithm", ["dflash", "eagle3"])

@@ -21,7 +21,10 @@ class RunSummary(L.Callback):
     runs excluded) after the first ``window`` steps (warm-up, compilation), and the tokens of those batches
     (``input_ids``, padding included). The part of it spent between one batch's end and the next batch's start
     is the loader wait: the loss was read at the batch end (a device sync), so the accelerator idles meanwhile.
-    Peak accelerator memory is gathered from every rank.
+    Peak accelerator memory is gathered from every rank. Start-up is split into phases (rank 0's clock):
+    ``setup`` (from the trainer's callbacks being built to ``on_fit_start``: loading the target, moving and
+    wrapping the model), ``sanity_check`` (to ``on_train_start``) and ``first_steps`` (the ``window`` warm-up
+    steps, where compilation happens).
 
     Args:
         window: steps averaged for the "first" and "last" training loss, and the warm-up steps left out of
@@ -36,6 +39,23 @@ class RunSummary(L.Callback):
         self.timed_tokens = 0
         self.timed_steps = 0
         self.data_wait_seconds = 0.0
+        self._clock: dict[str, float] = {"built": time.perf_counter()}
+
+    def _mark(self, phase: str) -> None:
+        self._clock.setdefault(phase, time.perf_counter())
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mark("fit_start")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mark("train_start")
+
+    def startup(self) -> dict[str, float]:
+        """Seconds spent in each start-up phase that was reached."""
+        order = ["built", "fit_start", "train_start", "warm"]
+        names = {"fit_start": "setup", "train_start": "sanity_check", "warm": "first_steps"}
+        return {names[b]: self._clock[b] - self._clock[a] for a, b in zip(order, order[1:])
+                if a in self._clock and b in self._clock}
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -48,6 +68,8 @@ class RunSummary(L.Callback):
         if loss is not None:
             self.losses.append(float(loss))  # a host sync: the step's GPU work is done when the clock reads
         now = time.perf_counter()
+        if len(self.losses) == self.window:
+            self._mark("warm")
         if self._last_end is not None and len(self.losses) > self.window:
             self.timed_seconds += now - self._last_end
             self.timed_steps += 1
@@ -88,6 +110,7 @@ class RunSummary(L.Callback):
             "train_losses": self.losses,
             "metrics": dict(sorted(metrics.items())),
             "throughput": self.throughput(trainer),
+            "startup_seconds": self.startup(),
             "last_checkpoint": getattr(ckpt, "last_model_path", None) or None,
             "log_dir": trainer.log_dir,
         }
@@ -115,6 +138,9 @@ class RunSummary(L.Callback):
             lines.append(f"Throughput: {tp['tokens_per_s']:,.0f} tokens/s on {tp['world_size']} rank(s), "
                          f"{1e3 * tp['seconds_per_step']:.1f} ms/step ({100 * tp['data_wait_fraction']:.1f} % waiting "
                          f"for data); peak memory per rank (GiB): {peak}")
+        if info["startup_seconds"]:
+            lines.append("Start-up: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s"
+                                                  for k, v in info["startup_seconds"].items()))
         lines.append(f"Checkpoint: {info['last_checkpoint']}")
         lines.append(f"Logs and summary.json: {log_dir}")
         print("\n".join(lines), flush=True)
