@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap
+from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled
 from .blocks import flex_block_mask, plan_blocks
 from .config import DrafterConfig
 
@@ -116,12 +116,12 @@ class DFlash(nn.Module):
             raise ValueError("DFlash needs algorithm 'dflash' or 'dspark', got 'eagle3'; use Eagle3 instead.")
         self.config = config
         h, v, m = config.hidden_size, config.vocab_size, config.num_context_layers
-        self.embed_tokens = nn.Embedding(v, h)
+        self.embed_tokens = unfilled(nn.Embedding, v, h)  # vocabulary-sized: filled once, by init_weights
         self.fc = nn.Linear(m * h, h, bias=False)
         self.hidden_norm = RMSNorm(h, config.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(h, config.rms_norm_eps)
-        self.lm_head = nn.Linear(h, v, bias=False)
+        self.lm_head = unfilled(nn.Linear, h, v, bias=False)
         self.rotary_emb = RotaryEmbedding.from_config(config)
         init_weights(self)
         self.embed_tokens.weight.requires_grad_(False)

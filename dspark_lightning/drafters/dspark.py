@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ._layers import init_weights
+from ._layers import init_weights, unfilled
 from .config import DrafterConfig
 from .dflash import BlockDraftOutput, ContextKVCache, DFlash, Proposal, sample
 
@@ -33,8 +33,8 @@ class MarkovHead(nn.Module):
     def __init__(self, vocab: int, hidden: int, rank: int, head_type: str) -> None:
         super().__init__()
         self.head_type, self.rank = head_type, rank
-        self.markov_w1 = nn.Embedding(vocab, rank)
-        self.markov_w2 = nn.Linear(rank, vocab, bias=False)
+        self.markov_w1 = unfilled(nn.Embedding, vocab, rank)  # filled once, by the owner's init_weights
+        self.markov_w2 = unfilled(nn.Linear, rank, vocab, bias=False)
         if head_type == "gated":
             self.gate_proj = nn.Linear(hidden + rank, rank, bias=True)
         elif head_type == "rnn":

@@ -44,7 +44,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
     apply_rotary_pos_emb,
 )
 
-from ._layers import init_weights
+from ._layers import init_weights, unfilled
 from .blocks import plan_blocks
 from .config import DrafterConfig
 from .dflash import BlockDraftOutput, ContextKVCache, Proposal
@@ -119,7 +119,7 @@ class DSparkV4(nn.Module):
         self.hf_config = hf = stage_config(config)
         h, v, m = config.hidden_size, config.vocab_size, config.num_context_layers
         self.hc_mult, self.window = hf.hc_mult, hf.sliding_window
-        self.embed_tokens = nn.Embedding(v, h)
+        self.embed_tokens = unfilled(nn.Embedding, v, h)  # vocabulary-sized: filled once, by init_v4_weights
         self.fc = nn.Linear(m * h, h, bias=False)
         self.hidden_norm = DeepseekV4RMSNorm(h, hf.rms_norm_eps)
         self.layers = nn.ModuleList(DeepseekV4DecoderLayer(hf, i) for i in range(config.num_hidden_layers))
@@ -128,7 +128,7 @@ class DSparkV4(nn.Module):
             layer._can_checkpoint_with_cache = True
         self.hc_head = DeepseekV4HyperHead(hf)
         self.norm = DeepseekV4RMSNorm(h, hf.rms_norm_eps)
-        self.lm_head = nn.Linear(h, v, bias=False)
+        self.lm_head = unfilled(nn.Linear, h, v, bias=False)
         self.rotary_emb = DeepseekV4RotaryEmbedding(hf)
         rank = config.markov_rank
         self.markov_head = MarkovHead(v, h, rank, config.markov_head_type) if config.has_markov_head else None

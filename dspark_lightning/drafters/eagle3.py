@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap
+from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled
 from .config import DrafterConfig
 from .dflash import ContextKVCache, Proposal, sample
 
@@ -129,11 +129,11 @@ class Eagle3(nn.Module):
         self.config = config
         h, v, m = config.hidden_size, config.vocab_size, config.num_context_layers
         draft_vocab = config.draft_vocab_size or v
-        self.embed_tokens = nn.Embedding(v, h)
+        self.embed_tokens = unfilled(nn.Embedding, v, h)  # vocabulary-sized: filled once, by init_weights
         self.fc = nn.Linear(m * h, h, bias=False)
         self.layers = nn.ModuleList([Eagle3DecoderLayer(config)])
         self.norm = RMSNorm(h, config.rms_norm_eps)
-        self.lm_head = nn.Linear(h, draft_vocab, bias=False)
+        self.lm_head = unfilled(nn.Linear, h, draft_vocab, bias=False)
         self.rotary_emb = RotaryEmbedding.from_config(config)
         if config.draft_vocab_size is not None:
             # Placeholder map (the first Vd tokens) until set_draft_vocab installs the real one.

@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dspark_lightning.drafters import DFlash, DrafterConfig, DSpark
 from dspark_lightning.losses import block_drafter_loss
@@ -696,3 +697,34 @@ def test_flex_attention_gradients_match_dense_on_cuda(layout):
             torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-4, rtol=1e-4, msg=name)
             checked += 1
     assert checked > 10
+
+
+# ------------------------------------------------------------------------------------ construction
+def test_unfilled_allocates_on_the_default_device_without_initialising():
+    from dspark_lightning.drafters._layers import unfilled
+
+    layer = unfilled(nn.Linear, 4, 3, bias=False)
+    assert layer.weight.device.type == "cpu" and layer.weight.shape == (3, 4) and layer.weight.requires_grad
+    with torch.device("meta"):
+        assert unfilled(nn.Embedding, 10, 4).weight.device.type == "meta"
+    assert unfilled(nn.Embedding, 10, 4, dtype=torch.float64).weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", "dflash"])
+def test_vocabulary_matrices_are_filled_once_by_init_weights(algorithm):
+    """embed_tokens, lm_head and the Markov tables skip their default init; init_weights fills them with
+    N(0, 0.02), like every other Linear/Embedding (and the same seed builds the same drafter)."""
+    cfg = make_config(algorithm, target_config(vocab_size=4096, hidden_size=64, head_dim=16))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append((DSpark if algorithm == "dspark" else DFlash)(cfg))
+    names = ["embed_tokens.weight", "lm_head.weight"] + (
+        ["markov_head.markov_w1.weight", "markov_head.markov_w2.weight"] if algorithm == "dspark" else [])
+    params = dict(models[0].named_parameters())
+    for name in names:
+        w = params[name].double()
+        assert torch.isfinite(w).all(), name
+        assert abs(float(w.std()) - 0.02) < 1e-3 and abs(float(w.mean())) < 1e-3, name
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), name
