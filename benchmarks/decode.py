@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -77,13 +76,8 @@ def hf_generate_tokens_per_second(target: FrozenTarget, prompts: list[list[int]]
     torch.manual_seed(seed)
     kwargs = dict(attention_mask=mask, min_new_tokens=max_new_tokens, pad_token_id=0, **sampling)
     target.model.generate(ids, max_new_tokens=8, **{**kwargs, "min_new_tokens": 8})  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    target.model.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return len(prompts) * max_new_tokens / (time.perf_counter() - start)
+    run = {"generate": lambda: target.model.generate(ids, max_new_tokens=max_new_tokens, **kwargs)}
+    return len(prompts) * max_new_tokens / median_seconds(run, device, repeats=1, warmup=0)["generate"]
 
 
 def print_profile(name: str, engine: SpeculativeEngine, prompt: list[int], tokens: int, stops: list[int]) -> None:

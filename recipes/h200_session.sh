@@ -15,18 +15,11 @@
 # Each call stops its work at BUDGET seconds (SIGINT, then SIGKILL) and copies what exists to $OUT.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}
-BUDGET=${BUDGET:-540}
+source recipes/device_call.sh  # environment, OUT, BUDGET, left, deadline
 STEPS=${STEPS:-600}   # the steps of docs/results/smollm2.md; keep it fixed across the calls of one run
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 MG_GPUS=$([[ $NGPU -ge 4 ]] && echo 2,3 || echo 0,1)
 export SMOL=/tmp/smol_hf DATA_DIR=/tmp/data RUN7=/tmp/run RUN10=/tmp/mg STEPS NGPU MG_GPUS
-mkdir -p "$OUT"
-t_start=$SECONDS
-left() { echo $(( BUDGET - (SECONDS - t_start) )); }
-
-source recipes/deadline.sh
 
 reproduction() {  # issue 7 on GPUs 0-1 (one seed per GPU), then the decode benchmark on a quiet GPU 0
   SMOL_DIR=$SMOL DATA=$DATA_DIR/train.jsonl RUN=$RUN7 GPUS="0 1" SEEDS="0 1" STEPS=$STEPS VAL_EVERY=100 \

@@ -20,15 +20,10 @@
 # Runs side by side share the host (64 cores), not GPUs. Fits marked done are skipped, so a call may be repeated.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}
-BUDGET=${BUDGET:-540}
+source recipes/device_call.sh  # environment, OUT, BUDGET, left, deadline
 export RUN=/tmp/mg SMOL=/tmp/smol_hf DATA=/tmp/data/train.jsonl
 export STEPS=${STEPS:-300}  # x global batch 16 = the 4,800 sequences of the docs/results/smollm2.md drafters
-mkdir -p "$OUT" "$RUN"
-t_start=$SECONDS
-left() { echo $(( BUDGET - 20 - (SECONDS - t_start) )); }
-source recipes/deadline.sh
+mkdir -p "$RUN"
 
 mg() {  # mg <visible GPUs> <world sizes> <parts...>: recipes/multigpu.sh on those GPUs, its output in $RUN/mg.out
   local gpus=$1 counts=$2; shift 2

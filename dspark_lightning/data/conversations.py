@@ -34,7 +34,8 @@ def read_conversations(path: str | Path) -> list[dict[str, Any]]:
 
     Args:
         path: JSONL with one object per line: ``{id, conversations: [{role, content}, ...]}`` or
-            ``{"turns": [str, ...]}``. Blank lines are skipped.
+            ``{"turns": [str, ...]}``. Blank lines are skipped. ``builtin:<name>`` reads a set shipped with the
+            package (:func:`conversations_path`).
 
     Returns:
         One dict per row, always with ``id`` (``"<file stem>-<line>"`` when the row has none) and
@@ -45,9 +46,7 @@ def read_conversations(path: str | Path) -> list[dict[str, Any]]:
         FileNotFoundError: ``path`` does not exist.
         ValueError: a row is not valid JSON or not one of the two shapes; the message names file and line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Conversations file {path} does not exist.")
+    path = conversations_path(path)
     return [_parse_row(row, f"{path}:{lineno}", default_id=f"{path.stem}-{lineno}") for lineno, row in iter_jsonl(path)]
 
 

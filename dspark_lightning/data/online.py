@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..targets import TargetConfig, load_target_config, load_tokenizer
-from .conversations import conversations_path, read_conversations, tokenize_conversation
+from .conversations import read_conversations, tokenize_conversation
 
 
 def collate_tokens(samples: list[dict[str, Tensor]], pad_id: int = 0) -> dict[str, Tensor]:
@@ -104,7 +104,7 @@ class ConversationsDataModule(_TokenDataModule):
     def _make_samples(self) -> list[dict[str, Tensor]]:
         tokenizer = load_tokenizer(self.target)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        rows = read_conversations(conversations_path(self.path))[: self.max_samples]
+        rows = read_conversations(self.path)[: self.max_samples]
         samples = []
         for row in rows:
             ids, mask = tokenize_conversation(tokenizer, row["conversations"], max_length=self.max_length,

@@ -10,5 +10,5 @@ from .prefix_schedule import prefix_schedule, prefix_schedule_reference
 from .vocab_ce_l1 import BACKEND_ENV, resolve_backend, triton_available, vocab_ce_l1, vocab_ce_l1_reference
 
 __all__ = ["BACKEND_ENV", "FusedBlockLossOutput", "fused_block_loss", "gumbel_noise", "markov_sample",
-           "markov_sample_reference", "resolve_backend", "triton_available", "vocab_ce_l1", "vocab_ce_l1_reference"]
-__all__ += ["prefix_schedule", "prefix_schedule_reference"]
+           "markov_sample_reference", "prefix_schedule", "prefix_schedule_reference", "resolve_backend",
+           "triton_available", "vocab_ce_l1", "vocab_ce_l1_reference"]

@@ -19,20 +19,13 @@ tiny launch for the last token (K + 1 launches; the design note is in that modul
 :func:`markov_sample` dispatches: Triton on CUDA when Triton is installed, torch elsewhere; ``backend=`` or
 ``$DSPARK_KERNEL_BACKEND`` (``auto`` / ``torch`` / ``triton``) forces one.
 
-How ``DSpark.propose`` would use it (vanilla Markov head only; the gated and rnn heads read the hidden state and
-stay on the Python loop — choosing which path to take is the caller's business)::
-
-    base = self.backbone.compute_logits(hidden)                                   # [B, K, V]
-    noise = gumbel_noise(base.shape, generator, base.device) if temperature > 0 else None
-    tokens, logits = markov_sample(base, anchor_ids, self.markov_head.markov_w1.weight,
-                                   self.markov_head.markov_w2.weight, temperature, noise)
-    probs = torch.softmax(logits / temperature, -1) if temperature > 0 else F.one_hot(tokens, V).float()
-    prev = torch.cat([anchor_ids[:, None], tokens[:, :-1]], 1)                      # [B, K]
-    conf = torch.sigmoid(self.confidence_head(hidden, self._prev_embed(prev)))     # vectorised over K
-
-``probs`` is then exactly the distribution each token was drawn from (what verification needs). Two differences
-from today's loop: the Markov bias is added in fp32 rather than in the weights' dtype, and the random stream is
-Gumbel noise rather than ``torch.multinomial`` (same distribution, different draws for a given seed).
+How ``DSpark.propose`` uses it (vanilla Markov head only; the gated and rnn heads read the hidden state and stay
+on the drafter's own loop): the decoding engine installs :func:`markov_sampler` as ``DSpark.markov_sampler``, and
+``DSpark._propose_vanilla`` turns its ``(tokens, logits)`` into the proposal's probabilities (``softmax(logits / T)``,
+one-hot at T = 0: exactly the distribution each token was drawn from, as verification needs) and computes the
+confidences vectorised over K. Two differences from the drafter's own loop: the Markov bias is added in fp32 rather
+than in the weights' dtype, and the random stream is Gumbel noise rather than ``torch.multinomial`` (same
+distribution, different draws for a given seed).
 """
 
 from __future__ import annotations
