@@ -8,6 +8,10 @@ figures on the H200 are printed beside ours.
     python benchmarks/train_step.py --small --device cpu  # a quick CPU sanity run
     python benchmarks/train_step.py --fused               # also time the fused CE/L1 loss (kernels/) beside it
     python benchmarks/train_step.py --attn sdpa flex      # dense-mask SDPA beside the sparse flex-attention mask
+    python benchmarks/train_step.py --compile no layers step --profile 3   # eager vs compiled, top CUDA kernels
+
+``--compile layers`` compiles each decoder layer (static shapes: its norms, rotary and SwiGLU fuse around the
+matmuls and flex kernel); ``step`` compiles the whole step with ``dynamic=True``, as the reference trainer does.
 """
 
 from __future__ import annotations
@@ -73,12 +77,16 @@ def build(algorithm: str, target: SimpleNamespace, args: argparse.Namespace) -> 
     return model.to(args.device, torch.bfloat16), cfg
 
 
-def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, compile_: bool,
-          fused: bool = False, attn: str = "auto") -> dict:
+def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, compile_: str = "no",
+          fused: bool = False, attn: str = "auto", profile: int = 0) -> dict:
     device = torch.device(args.device)
     model, cfg = build(algorithm, target, args)
+    backbone = model.backbone if algorithm == "dspark" else model
     if algorithm != "eagle3":
-        (model.backbone if algorithm == "dspark" else model).attn_implementation = attn
+        backbone.attn_implementation = attn
+    if compile_ == "layers":
+        for layer in backbone.layers:
+            layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=6e-4, fused=device.type == "cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -104,10 +112,12 @@ def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, com
         opt.zero_grad(set_to_none=True)
         return loss
 
-    fn = torch.compile(step, dynamic=True) if compile_ else step
+    fn = torch.compile(step, dynamic=True) if compile_ == "step" else step
     for _ in range(args.warmup):
         fn()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if profile:
+        print_profile(fn, profile, sync, device, f"{algorithm} compile={compile_} fused={fused} attn={attn}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync()
@@ -122,6 +132,25 @@ def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, com
             "tflops": flops / ms / 1e9, "step_tflop": flops / 1e12}
 
 
+def print_profile(fn, steps: int, sync, device: torch.device, label: str, top: int = 15) -> None:
+    """Run ``steps`` steps under the profiler; print the ops with the most device (or CPU) time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) / steps / 1e3
+    print(f"-- profile: {label}: {total:.1f} ms of {'device' if device.type == 'cuda' else 'CPU'} time per step")
+    for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
+        ms = getattr(e, key) / steps / 1e3
+        print(f"   {ms:8.2f} ms {ms / total:6.1%} x{e.count // steps:<5d} {e.key[:90]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -132,9 +161,13 @@ def main() -> None:
     parser.add_argument("--draft-layers", type=int, default=5)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 9, 17, 25, 33])
     parser.add_argument("--algorithms", nargs="+", default=["dspark", "dflash", "eagle3"])
-    parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
+    parser.add_argument("--compile", nargs="+", choices=["no", "layers", "step"], default=["no"],
+                        help="eager, each decoder layer compiled, or the whole step compiled (dynamic=True)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile STEPS steps of every configuration and print its top ops")
     parser.add_argument("--fused", action="store_true",
                         help="DSpark/DFlash: also time block_drafter_loss(fused=True) beside the default loss")
+    parser.add_argument("--fused-only", action="store_true", help="DSpark/DFlash: time only the fused loss")
     parser.add_argument("--attn", nargs="+", default=["auto"], choices=["auto", "sdpa", "flex"],
                         help="DSpark/DFlash training attention (auto = flex on CUDA); several are timed side by side")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 rate for MFU (H200 measured)")
@@ -144,19 +177,19 @@ def main() -> None:
     target = small() if args.small else qwen3_4b()
     if args.small:
         args.seq, args.anchors, args.layers = min(args.seq, 512), min(args.anchors, 64), [1, 3, 5]
-    modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     print(f"device={args.device} hidden={target.hidden_size} vocab={target.vocab_size} seq={args.seq} "
           f"anchors={args.anchors} block={args.block} draft_layers={args.draft_layers}")
     print(f"{'drafter':8} {'compile':7} {'fused':5} {'attn':5} {'ms/step':>9} {'peak GiB':>9} {'TFLOP':>7} "
           f"{'TFLOP/s':>8} {'MFU':>6} {'ref ms':>8} {'speed-up':>8}")
     for algorithm in args.algorithms:
-        fused_modes = [False, True] if args.fused and algorithm != "eagle3" else [False]
+        fused_modes = [False, True] if args.fused else [True] if args.fused_only else [False]
+        fused_modes = [False] if algorithm == "eagle3" else fused_modes
         attns = args.attn if algorithm != "eagle3" else ["sdpa"]
-        for compile_, fused, attn in ((c, f, a) for c in modes for f in fused_modes for a in attns):
-            r = bench(algorithm, target, args, compile_, fused, attn)
+        for compile_, fused, attn in ((c, f, a) for c in args.compile for f in fused_modes for a in attns):
+            r = bench(algorithm, target, args, compile_, fused, attn, args.profile)
             ref = REFERENCE_MS.get(algorithm)
-            ref_ms = (ref[1] if compile_ else ref[0]) if ref and not args.small else float("nan")
-            print(f"{algorithm:8} {str(compile_):7} {str(fused):5} {attn:5} {r['ms']:9.1f} {r['peak_gib']:9.2f} "
+            ref_ms = (ref[1] if compile_ != "no" else ref[0]) if ref and not args.small else float("nan")
+            print(f"{algorithm:8} {compile_:7} {str(fused):5} {attn:5} {r['ms']:9.1f} {r['peak_gib']:9.2f} "
                   f"{r['step_tflop']:7.1f} {r['tflops']:8.1f} {r['tflops'] / args.peak_tflops:6.1%} {ref_ms:8.1f} "
                   f"{ref_ms / r['ms']:8.2f}x",
                   flush=True)

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Issue 10 on a 4-GPU H200 machine (nvidia-h200-x4), with issue 9's training-step table and issue 4's decode rows
-# on GPUs the multi-GPU runs leave free. Three calls of at most 10 minutes, each within 30 s of the previous one
-# (files outside the repository live only while the machine stays warm):
+# Issue 10 on a 4-GPU H200 machine (nvidia-h200-x4), with issue 9's training-step table on a GPU the multi-GPU runs
+# leave free. Three calls of at most 10 minutes, each within 30 s of the previous one (files outside the repository
+# live only while the machine stays warm):
 #
 #   call 1  carry .device/wheels .device/p1   bash recipes/h200_x4_session.sh one
-#           the synthetic Qwen3-8B-width drafter: 1 GPU (GPU 0), ddp on 2 (GPUs 1-2), then fsdp on 2 and 4;
-#           with TRAIN_STEP=1 the flex GPU test and benchmarks/train_step.py run on GPU 3 meanwhile
+#           the synthetic Qwen3-8B-width drafter: 1 GPU (GPU 0) | fsdp on 2 (GPUs 1-2), then fsdp on 4
 #   call 2  carry .device/wheels .device/p2   bash recipes/h200_x4_session.sh two
-#           GGUF -> HF; SmolLM2 DSpark online: 1 GPU (0) | ddp on 2 (1-2) beside a 1-process cache build (3);
-#           then ddp on 4 and the 4-process cache build
+#           GGUF -> HF; SmolLM2 DSpark online: ddp on 4, fsdp on 4; the 4-process cache build
 #   call 3  carry .device/wheels              bash recipes/h200_x4_session.sh three
-#           fsdp on 4 GPUs for SmolLM2; resume 4 GPUs -> 1 from the 4-process cache (RESUME_STEPS); then
-#           benchmarks/decode.py with the 1-GPU SmolLM2 drafter on a quiet machine
+#           resume 4 GPUs -> 1 from the 4-process cache (RESUME_STEPS, default 40); once the 4-GPU part is done,
+#           benchmarks/train_step.py (eager, compiled layers, compiled step; profiles) on GPU 3
+#   optional                                  bash recipes/h200_x4_session.sh decode
+#           benchmarks/decode.py with the 4-GPU SmolLM2 drafter, alone on the machine
 #
 # Measured on the first such machine (docs/results/multigpu.md): a fit spends 140-270 s outside its timed steps
 # (start-up, compiling, validation), so each call holds at most two rounds of fits. Runs in one round share the
@@ -31,17 +31,16 @@ mg() {  # mg <visible GPUs> <world sizes> <parts...>: recipes/multigpu.sh on tho
     DATA=$DATA bash recipes/multigpu.sh "$@" 2>&1 | sed "s/^/[$gpus] /" | tee -a "$RUN/mg.out"
 }
 
-train_step() {  # issue 9's table on one GPU
+train_step() {  # issue 9's table on one GPU: the fused loss and flex attention, eager vs compiled, with profiles
   [[ -f $RUN/train_step.done ]] && return
-  python -m pytest -q -m gpu -p no:cacheprovider tests/drafters -k flex 2>&1 | tail -4 | tee "$RUN/gpu_tests.out"
-  python benchmarks/train_step.py --algorithms dspark dflash eagle3 --fused --attn sdpa flex 2>&1 \
-    | tee "$RUN/train_step.out" && touch "$RUN/train_step.done"
+  python benchmarks/train_step.py --algorithms dspark dflash --fused-only --attn flex --compile no layers step \
+    --profile 3 2>&1 | tee "$RUN/train_step.out" && touch "$RUN/train_step.done"
 }
 
 decode() {  # issue 4's rows (T = 0 and 1, batch 1 and 32, fixed vs scheduler) and issue 9's profile
   [[ -f $RUN/decode.done ]] && return
-  local ckpt=$RUN/smollm2_auto_1gpu/checkpoints/last.ckpt
-  [[ -f $ckpt ]] || { echo "!! no 1-GPU SmolLM2 checkpoint for the decode benchmark"; return; }
+  local ckpt=$RUN/smollm2_ddp_4gpu/checkpoints/last.ckpt
+  [[ -f $ckpt ]] || { echo "!! no 4-GPU SmolLM2 checkpoint for the decode benchmark"; return; }
   python benchmarks/decode.py --ckpt "$ckpt" --target-path "$SMOL" --batch-sizes 1 32 --temperatures 0 1 \
     --max-new-tokens 128 --policies fixed scheduler --profile 32 2>&1 | tee "$RUN/decode.out" \
     && touch "$RUN/decode.done"
@@ -59,11 +58,10 @@ bash recipes/h200_prepare.sh wheels || exit 1
 case "${1:-}" in
   one)
     bash recipes/h200_prepare.sh part1
-    export -f mg train_step
+    export -f mg
     deadline "$(left)" bash -c '
-      [[ -n ${TRAIN_STEP:-} ]] && CUDA_VISIBLE_DEVICES=3 train_step &
       mg 0 1 synthetic &
-      MULTI_STRATEGIES="ddp fsdp" mg 1,2 2 synthetic
+      MULTI_STRATEGIES=fsdp mg 1,2 2 synthetic
       wait
       MULTI_STRATEGIES=fsdp mg 0,1,2,3 4 synthetic'
     ;;
@@ -72,19 +70,20 @@ case "${1:-}" in
     mkdir -p "$(dirname "$DATA")" && gunzip -c docs/results/smollm2/regen_train.jsonl.gz > "$DATA"
     export -f mg
     deadline "$(left)" bash -c '
-      mg 0 1 smollm2 &
-      mg 3 1 cache &
-      MULTI_STRATEGIES=ddp mg 1,2 2 smollm2
-      wait
-      MULTI_STRATEGIES=ddp mg 0,1,2,3 4 smollm2 cache'
+      MULTI_STRATEGIES="ddp fsdp" mg 0,1,2,3 4 smollm2 cache'
     ;;
   three)
-    export -f mg decode
+    export -f mg train_step
     deadline "$(left)" bash -c '
-      MULTI_STRATEGIES=fsdp mg 0,1,2,3 4 smollm2
-      STEPS=${RESUME_STEPS:-60} MULTI_STRATEGIES=ddp mg 0,1,2,3 4 resume
-      CUDA_VISIBLE_DEVICES=0 decode'
+      STEPS=${RESUME_STEPS:-40} RESUME_STRAIGHT=0 mg 0,1,2,3 4 resume &
+      while [[ ! -f $RUN/resume_4gpu_part1/fit.done ]] && jobs %1 >/dev/null 2>&1; do sleep 2; done
+      CUDA_VISIBLE_DEVICES=3 train_step
+      wait'
     ;;
-  *) echo "usage: $0 one|two|three" >&2; exit 2 ;;
+  decode)
+    export -f decode
+    deadline "$(left)" bash -c 'CUDA_VISIBLE_DEVICES=0 decode'
+    ;;
+  *) echo "usage: $0 one|two|three|decode" >&2; exit 2 ;;
 esac
 collect

@@ -9,7 +9,8 @@
 # Each fit writes <RUN>/<name>/.../summary.json (steps, losses, tokens/s per rank, peak memory per rank).
 # GPU_COUNTS (default "1 NGPU") picks the world sizes of smollm2, synthetic and cache; parts given different
 # CUDA_VISIBLE_DEVICES and GPU_COUNTS can run side by side (names carry strategy and GPU count). resume trains on
-# NGPU GPUs, then continues on 1, from RESUME_CACHE (default the NGPU-process cache).
+# NGPU GPUs, then continues on 1, from RESUME_CACHE (default the NGPU-process cache); RESUME_STRAIGHT=0 skips its
+# uninterrupted comparison run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -94,8 +95,10 @@ PYEOF
       fit "resume_1gpu_part2" "${base[@]}" --trainer.devices 1 --data.init_args.batch_size "$GLOBAL_BATCH" \
         --trainer.max_steps "$STEPS" --ckpt_path last
       grep -h "resuming on" "$RUN/resume_1gpu_part2.log" || echo "   (no data-position rescale line in the log)"
-      fit "resume_${NGPU}gpu_straight" "${base[@]}" --trainer.devices "$NGPU" --trainer.strategy ddp \
-        --data.init_args.batch_size $((GLOBAL_BATCH / NGPU)) --trainer.max_steps "$STEPS" ;;
+      if [[ ${RESUME_STRAIGHT:-1} == 1 ]]; then
+        fit "resume_${NGPU}gpu_straight" "${base[@]}" --trainer.devices "$NGPU" --trainer.strategy ddp \
+          --data.init_args.batch_size $((GLOBAL_BATCH / NGPU)) --trainer.max_steps "$STEPS"
+      fi ;;
     *) echo "unknown part $part; choose smollm2 synthetic cache resume" >&2; exit 2 ;;
   esac
 done
