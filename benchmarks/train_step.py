@@ -97,12 +97,11 @@ def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, com
     hidden = torch.randn(1, L, m * H, generator=g).to(device, torch.bfloat16)
     last = torch.randn(1, L, H, generator=g).to(device, torch.bfloat16)
 
-    def step() -> torch.Tensor:
+    def step(anchors: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
         if algorithm == "eagle3":
             out = model(ids, hidden, loss_mask)
             loss = eagle3_ttt_loss(out, model.compute_logits, last, model.target_logits).loss
         else:
-            anchors, valid = sample_anchors(loss_mask, cfg.num_anchors)
             out = model(ids, hidden, loss_mask, anchors, valid)
             loss = block_drafter_loss(out, model.compute_logits, last,
                                       ce_weight=0.1 if algorithm == "dspark" else 1.0,
@@ -112,7 +111,12 @@ def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, com
         opt.zero_grad(set_to_none=True)
         return loss
 
-    fn = torch.compile(step, dynamic=True) if compile_ == "step" else step
+    compiled = torch.compile(step, dynamic=True) if compile_ == "step" else step
+
+    def fn() -> torch.Tensor:  # anchors are drawn per step outside the compiled region, as the data loader does
+        anchors = sample_anchors(loss_mask, cfg.num_anchors) if algorithm != "eagle3" else (None, None)
+        return compiled(*anchors)
+
     for _ in range(args.warmup):
         fn()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -144,6 +148,10 @@ def print_profile(fn, steps: int, sync, device: torch.device, label: str, top: i
         sync()
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    if device.type == "cuda":  # kernels only: an op's self device time repeats its kernels' time
+        from torch.autograd import DeviceType
+
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
     total = sum(getattr(e, key) for e in events) / steps / 1e3
     print(f"-- profile: {label}: {total:.1f} ms of {'device' if device.type == 'cuda' else 'CPU'} time per step")
     for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:

@@ -45,3 +45,32 @@ def test_gradient_clipping_under_fsdp_clips_through_the_wrapped_module(monkeypat
     module.configure_gradient_clipping(None, 0.5, "norm")
     module.configure_gradient_clipping(None, 0.25, None)  # Lightning passes None for its default, norm
     assert calls == [0.5, 0.25]
+
+
+def test_compiled_layers_give_the_eager_loss_and_keep_parameter_names():
+    from dspark_lightning.drafters.blocks import sample_anchors
+
+    def build(compile_layers):
+        torch.manual_seed(0)
+        model = SMOKE["model"]
+        module = DrafterModule(DrafterConfig(**model["drafter"]), TargetConfig(**model["target"]),
+                               compile_layers=compile_layers)
+        module._trainer = SimpleNamespace(ckpt_path=None)
+        module.setup("fit")
+        return module
+
+    eager, compiled = build(False), build(True)
+    layers = getattr(compiled.drafter, "backbone", compiled.drafter).layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, eager.drafter_config.vocab_size - 1, (2, 40), generator=g)
+    loss_mask = torch.ones_like(ids, dtype=torch.bool)
+    loss_mask[:, :8] = False
+    torch.manual_seed(2)
+    anchors, valid = sample_anchors(loss_mask, eager.drafter_config.num_anchors)
+    batch = {"input_ids": ids, "loss_mask": loss_mask, "anchors": anchors, "anchor_valid": valid}
+    want, got = eager.compute_loss(batch).loss, compiled.compute_loss(batch).loss
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got.backward()
+    assert all(p.grad is not None for p in layers.parameters())

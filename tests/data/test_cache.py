@@ -339,6 +339,22 @@ def test_resume_continues_the_uninterrupted_stream(uneven_cache, num_workers, st
             assert torch.equal(got[name], want[name])
 
 
+def test_training_shards_are_shared_evenly_between_ranks(tokens_cache):
+    """6 training shards on 2 ranks x 2 workers: 3 shards per rank (dealt to the 4 slots directly, one rank got 4
+    and the other 2, and the epoch ended for both at the smaller share), every shard read by exactly one rank."""
+    def rank_keys(rank):
+        dm = TargetCacheDataModule(str(tokens_cache), rank=rank, world_size=2, batch_size=3, num_workers=2,
+                                   val_shards=2, seed=1)
+        dm.setup("fit")
+        shards = sorted(i for slot in dm._slots[rank] for i in slot)
+        return dm, shards, [k for b in collect(dm.train_dataloader()) for k in b["cache_keys"]]
+
+    (dm0, shards0, keys0), (dm1, shards1, keys1) = rank_keys(0), rank_keys(1)
+    assert len(shards0) == len(shards1) == 3 and sorted(shards0 + shards1) == list(range(6))
+    assert dm0.batches_per_epoch == dm1.batches_per_epoch == 3 * 6 // 3
+    assert len(keys0) == len(keys1) == 18 and not set(keys0) & set(keys1)
+
+
 def test_validation_is_lockstep_across_ranks(tokens_cache):
     """Every rank runs the same number of validation batches (DDP hangs otherwise); a split that leaves a rank
     without one is refused at setup, naming the fix."""

@@ -385,8 +385,10 @@ class TargetCacheDataModule(L.LightningDataModule):
         self.train_ids, self.val_ids = list(range(n - n_val)), list(range(n - n_val, n))
         self.streams = max(1, self.num_workers)
         slots = self.world_size * self.streams
-        dealt = _deal(self.train_ids, counts, slots)
-        self._slots = [dealt[r * self.streams:(r + 1) * self.streams] for r in range(self.world_size)]
+        # Shards go to ranks first, then to a rank's worker streams: dealt straight to all rank x worker slots,
+        # 12 shards on 4 ranks x 2 workers gave two ranks 4 shards and two ranks 2, and an epoch ends for all
+        # ranks at the smallest share (a third of the data unread).
+        self._slots = [_deal(ids, counts, self.streams) for ids in _deal(self.train_ids, counts, self.world_size)]
         # Validation shards go to ranks first, then to a rank's worker streams, so that every rank gets one as long
         # as there are as many as ranks. Validation is lockstep too: under DDP every rank must run the same number
         # of validation steps (each forward and the metric reduction are collectives), so all stop at the smallest.
