@@ -6,10 +6,11 @@
 #   call 1  carry .device/wheels .device/p1   bash recipes/h200_x4_session.sh one
 #           the synthetic Qwen3-8B-width drafter: 1 GPU (GPU 0) | fsdp on 2 (GPUs 1-2), then fsdp on 4
 #   call 2  carry .device/wheels .device/p2   bash recipes/h200_x4_session.sh two
-#           GGUF -> HF; SmolLM2 DSpark online: ddp on 4, fsdp on 4; the 4-process cache build
+#           GGUF -> HF; SmolLM2 DSpark online: ddp on 4, fsdp on 4 (then the 4-process cache build, if time is left)
 #   call 3  carry .device/wheels              bash recipes/h200_x4_session.sh three
-#           resume 4 GPUs -> 1 from the 4-process cache (RESUME_STEPS, default 40); once the 4-GPU part is done,
-#           benchmarks/train_step.py (eager, compiled layers, compiled step; profiles) on GPU 3
+#           the 4-process cache build (skipped if built), then resume 4 GPUs -> 1 from it (RESUME_STEPS, default 40);
+#           once the 4-GPU part is done, benchmarks/train_step.py (eager, compiled layers, compiled step; profiles)
+#           on GPU 3. Inductor's compile workers load the host: the 1-GPU part beside it is not a throughput figure
 #   optional                                  bash recipes/h200_x4_session.sh decode
 #           benchmarks/decode.py with the 4-GPU SmolLM2 drafter, alone on the machine
 #
@@ -75,7 +76,7 @@ case "${1:-}" in
   three)
     export -f mg train_step
     deadline "$(left)" bash -c '
-      STEPS=${RESUME_STEPS:-40} RESUME_STRAIGHT=0 mg 0,1,2,3 4 resume &
+      { mg 0,1,2,3 4 cache; STEPS=${RESUME_STEPS:-40} RESUME_STRAIGHT=0 mg 0,1,2,3 4 resume; } &
       while [[ ! -f $RUN/resume_4gpu_part1/fit.done ]] && jobs %1 >/dev/null 2>&1; do sleep 2; done
       CUDA_VISIBLE_DEVICES=3 train_step
       wait'
