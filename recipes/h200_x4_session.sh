@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# Issue 10 on a 4-GPU H200 machine (nvidia-h200-x4), with issue 9's training-step table on a GPU the multi-GPU runs
-# leave free. Three calls of at most 10 minutes, each within 30 s of the previous one (files outside the repository
-# live only while the machine stays warm):
+# What issues 9 and 10 still need from a 4-GPU H200 machine (nvidia-h200-x4), planned from the second session's
+# results (docs/results/multigpu.md, performance.md). Calls of at most 10 minutes, each within 30 s of the previous
+# one (files outside the repository live only while the machine stays warm):
 #
 #   call 1  carry .device/wheels .device/p1   bash recipes/h200_x4_session.sh one
-#           the synthetic Qwen3-8B-width drafter: 1 GPU (GPU 0) | fsdp on 2 (GPUs 1-2), then fsdp on 4
+#           DDP on 4 GPUs for the synthetic Qwen3-8B-width drafter (the one fit of issue 10 never run); then
+#           benchmarks/train_step.py on GPU 0: DSpark and DFlash, eager vs compiled layers vs compiled step
 #   call 2  carry .device/wheels .device/p2   bash recipes/h200_x4_session.sh two
-#           GGUF -> HF; SmolLM2 DSpark online: ddp on 4, fsdp on 4 (then the 4-process cache build, if time is left)
-#   call 3  carry .device/wheels              bash recipes/h200_x4_session.sh three
-#           the 4-process cache build (skipped if built), then resume 4 GPUs -> 1 from it (RESUME_STEPS, default 40);
-#           once the 4-GPU part is done, benchmarks/train_step.py (eager, compiled layers, compiled step; profiles)
-#           on GPU 3. Inductor's compile workers load the host: the 1-GPU part beside it is not a throughput figure
-#   optional                                  bash recipes/h200_x4_session.sh decode
-#           benchmarks/decode.py with the 4-GPU SmolLM2 drafter, alone on the machine
+#           GGUF -> HF; the cache build of all 3,200 conversations with 1 and with 4 processes; resume 4 GPUs -> 1 from it (RESUME_STEPS, default 40) with the
+#           shards dealt evenly, alone on the machine, then the uninterrupted 4-GPU run to compare against
+#   optional (after call 2)                   bash recipes/h200_x4_session.sh decode
+#           the 4-GPU SmolLM2 DSpark fit (if not done), then benchmarks/decode.py with it, alone on the machine
 #
 # Measured on the first such machine (docs/results/multigpu.md): a fit spends 140-270 s outside its timed steps
 # (start-up, compiling, validation), so each call holds at most two rounds of fits. Runs in one round share the
@@ -59,32 +57,25 @@ bash recipes/h200_prepare.sh wheels || exit 1
 case "${1:-}" in
   one)
     bash recipes/h200_prepare.sh part1
-    export -f mg
+    export -f mg train_step
     deadline "$(left)" bash -c '
-      mg 0 1 synthetic &
-      MULTI_STRATEGIES=fsdp mg 1,2 2 synthetic
-      wait
-      MULTI_STRATEGIES=fsdp mg 0,1,2,3 4 synthetic'
+      MULTI_STRATEGIES=ddp mg 0,1,2,3 4 synthetic
+      CUDA_VISIBLE_DEVICES=0 train_step'
     ;;
   two)
     bash recipes/h200_prepare.sh part2 && bash recipes/h200_prepare.sh convert || exit 1
     mkdir -p "$(dirname "$DATA")" && gunzip -c docs/results/smollm2/regen_train.jsonl.gz > "$DATA"
     export -f mg
     deadline "$(left)" bash -c '
-      MULTI_STRATEGIES="ddp fsdp" mg 0,1,2,3 4 smollm2 cache'
-    ;;
-  three)
-    export -f mg train_step
-    deadline "$(left)" bash -c '
-      { mg 0,1,2,3 4 cache; STEPS=${RESUME_STEPS:-40} RESUME_STRAIGHT=0 mg 0,1,2,3 4 resume; } &
-      while [[ ! -f $RUN/resume_4gpu_part1/fit.done ]] && jobs %1 >/dev/null 2>&1; do sleep 2; done
-      CUDA_VISIBLE_DEVICES=3 train_step
-      wait'
+      CACHE_SAMPLES=3200 mg 0,1,2,3 "1 4" cache
+      STEPS=${RESUME_STEPS:-40} mg 0,1,2,3 4 resume'
     ;;
   decode)
-    export -f decode
-    deadline "$(left)" bash -c 'CUDA_VISIBLE_DEVICES=0 decode'
+    export -f mg decode
+    deadline "$(left)" bash -c '
+      MULTI_STRATEGIES=ddp mg 0,1,2,3 4 smollm2
+      CUDA_VISIBLE_DEVICES=0 decode'
     ;;
-  *) echo "usage: $0 one|two|three|decode" >&2; exit 2 ;;
+  *) echo "usage: $0 one|two|decode" >&2; exit 2 ;;
 esac
 collect
