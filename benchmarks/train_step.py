@@ -194,7 +194,14 @@ def main() -> None:
         fused_modes = [False] if algorithm == "eagle3" else fused_modes
         attns = args.attn if algorithm != "eagle3" else ["sdpa"]
         for compile_, fused, attn in ((c, f, a) for c in args.compile for f in fused_modes for a in attns):
-            r = bench(algorithm, target, args, compile_, fused, attn, args.profile)
+            try:
+                r = bench(algorithm, target, args, compile_, fused, attn, args.profile)
+            except Exception as exc:  # one configuration failing (e.g. a compile error) must not hide the others
+                print(f"{algorithm:8} {compile_:7} {str(fused):5} {attn:5} failed: {type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}", flush=True)
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             ref = REFERENCE_MS.get(algorithm)
             ref_ms = (ref[1] if compile_ != "no" else ref[0]) if ref and not args.small else float("nan")
             print(f"{algorithm:8} {compile_:7} {str(fused):5} {attn:5} {r['ms']:9.1f} {r['peak_gib']:9.2f} "
