@@ -676,6 +676,22 @@ def test_unknown_attention_implementation_is_named():
         forward(model, make_inputs())
 
 
+def assert_same_cuda_training_pass(reference: nn.Module, model: nn.Module) -> None:
+    """The two drafters (same weights, on CUDA, fp32) give the same hidden states and parameter gradients."""
+    inputs = {k: v.float().cuda() if v.is_floating_point() else v.cuda() for k, v in make_inputs().items()}
+    outs = [forward(m, inputs, ANCHORS.cuda(), ANCHOR_VALID.cuda()) for m in (reference, model)]
+    torch.testing.assert_close(outs[1].hidden, outs[0].hidden, atol=2e-5, rtol=2e-5)
+    for out in outs:
+        (out.hidden.pow(2).sum() + out.confidence_logits.sum()).backward()
+    grads = dict(reference.named_parameters())
+    checked = 0
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-4, rtol=1e-4, msg=name)
+            checked += 1
+    assert checked > 10
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["deepspec", "zlab"])
 def test_flex_attention_gradients_match_dense_on_cuda(layout):
@@ -684,19 +700,7 @@ def test_flex_attention_gradients_match_dense_on_cuda(layout):
     cfg = make_config(markov_head_type="vanilla", block_layout=layout, target=target_config(head_dim=16))
     dense, flex = build(cfg, torch.float32).cuda(), build(cfg, torch.float32).cuda()
     dense.backbone.attn_implementation, flex.backbone.attn_implementation = "sdpa", "flex"
-    inputs = {k: v.float().cuda() if v.is_floating_point() else v.cuda() for k, v in make_inputs().items()}
-    anchors, valid = ANCHORS.cuda(), ANCHOR_VALID.cuda()
-    outs = [forward(m, inputs, anchors, valid) for m in (dense, flex)]
-    torch.testing.assert_close(outs[1].hidden, outs[0].hidden, atol=2e-5, rtol=2e-5)
-    for out in outs:
-        (out.hidden.pow(2).sum() + out.confidence_logits.sum()).backward()
-    grads = dict(dense.named_parameters())
-    checked = 0
-    for name, p in flex.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-4, rtol=1e-4, msg=name)
-            checked += 1
-    assert checked > 10
+    assert_same_cuda_training_pass(dense, flex)
 
 
 @pytest.mark.gpu
@@ -709,18 +713,7 @@ def test_compiled_layers_with_flex_match_eager_on_cuda():
         model.backbone.attn_implementation = "flex"
     for layer in compiled.backbone.layers:
         layer.compile()
-    inputs = {k: v.float().cuda() if v.is_floating_point() else v.cuda() for k, v in make_inputs().items()}
-    outs = [forward(m, inputs, ANCHORS.cuda(), ANCHOR_VALID.cuda()) for m in (eager, compiled)]
-    torch.testing.assert_close(outs[1].hidden, outs[0].hidden, atol=2e-5, rtol=2e-5)
-    for out in outs:
-        (out.hidden.pow(2).sum() + out.confidence_logits.sum()).backward()
-    grads = dict(eager.named_parameters())
-    checked = 0
-    for name, p in compiled.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-4, rtol=1e-4, msg=name)
-            checked += 1
-    assert checked > 10
+    assert_same_cuda_training_pass(eager, compiled)
 
 
 # ------------------------------------------------------------------------------------ construction
