@@ -41,6 +41,7 @@ from ..kernels.markov_sampling import markov_sampler
 from ..targets import FrozenTarget
 from .policies import FixedLength
 from .sampling import verify_chain
+from .slot_cache import SlotKVCache
 
 CONFIDENCE_EPS = 1e-7
 
@@ -129,6 +130,15 @@ def _attention_mask(old_valid: Tensor, new_valid: Tensor) -> Tensor:
     return torch.cat([old_valid[:, None, :].expand(b, q, s), new], dim=-1)[:, None]
 
 
+def _static_attention_mask(slot_valid: Tensor, new_valid: Tensor, start: int) -> Tensor:
+    """:func:`_attention_mask` over a fixed slot buffer: ``slot_valid [B, C]`` (the committed slots), the new
+    tokens written at slots ``start .. start + Q - 1``; returns ``[B, 1, Q, C]``."""
+    b, q = new_valid.shape
+    mask = slot_valid[:, None, :].expand(b, q, slot_valid.shape[1]).clone()
+    mask[:, :, start:start + q] = _attention_mask(slot_valid[:, :0], new_valid)[:, 0]
+    return mask[:, None]
+
+
 class SpeculativeEngine:
     """Batched chain speculative decoding (see module docstring).
 
@@ -145,11 +155,16 @@ class SpeculativeEngine:
         fused_markov: let a DSpark drafter with a vanilla Markov head sample its block through
             ``kernels.markov_sampling`` (one fused step per position, Triton on CUDA, Gumbel-max sampling);
             False keeps the drafter's own loop (``torch.multinomial``).
+        static_shapes: decode with fixed shapes: the target's KV cache is preallocated for the whole generation
+            (:class:`~.slot_cache.SlotKVCache`), every round verifies ``gamma + 1`` slots (those past a request's
+            verify length masked out), finished requests stay in the batch as masked rows, and the draft context
+            spans its whole capacity. Same tokens as the default mode; more arithmetic, no allocation and no
+            host read-back inside a pass. DSpark, DFlash or the target alone.
     """
 
     def __init__(self, target: FrozenTarget, drafter: nn.Module | None = None, *, gamma: int | None = None,
                  policy: Any = None, sts_temperatures: Sequence[float] | None = None,
-                 compact_min_slots: int = 256, fused_markov: bool = True) -> None:
+                 compact_min_slots: int = 256, fused_markov: bool = True, static_shapes: bool = False) -> None:
         layer_types = getattr(target.text_config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise ValueError(
@@ -158,6 +173,10 @@ class SpeculativeEngine:
             )
         self.target, self.drafter = target, drafter
         self.is_eagle3 = isinstance(drafter, Eagle3)
+        if static_shapes and self.is_eagle3:
+            raise ValueError("static_shapes supports DSpark, DFlash or the target alone; Eagle3 drafts through its own "
+                             "growing cache. Use static_shapes=False for Eagle3.")
+        self.static_shapes = static_shapes
         if fused_markov and hasattr(drafter, "markov_sampler"):
             drafter.markov_sampler = markov_sampler  # DSpark's vanilla head samples through kernels/ (Triton on CUDA)
         if drafter is None:
@@ -267,33 +286,45 @@ class SpeculativeEngine:
         all_rows = torch.arange(n, device=dev)
 
         # ---- prefill: the prompt without its last token (the first anchor)
+        static = self.static_shapes
         committed = lengths - 1  # tokens the target has seen, = the anchor's position
         pre = width - 1
-        slot_valid = torch.arange(pre, device=dev)[None, :] < committed[:, None]  # [B, S]
+        slot_valid = torch.arange(pre, device=dev)[None, :] < committed[:, None]  # [B, S] (static: [B, capacity])
         anchor = ids[all_rows, committed]
         cache = None
         dcache = None
         if self.drafter is not None:
-            capacity = max(64, width + 4 * (k + 1))
+            # static: a row's context ends at most at its prompt + max_new_tokens + the last round's overshoot
+            capacity = width + max_new_tokens + k + 1 if static else max(64, width + 4 * (k + 1))
             dcache = self.drafter.new_cache(n, device=dev, capacity=capacity)
+            dcache.static = static
+        if static:
+            # every round appends k + 1 slots and commits at least one token of every unfinished request
+            cache = SlotKVCache(pre + (max_new_tokens + 1) * (k + 1))
+            slot_valid = torch.cat([slot_valid, slot_valid.new_zeros(n, cache.capacity - pre)], dim=1)
+            cache.write_at(torch.arange(pre, device=dev), 0)
         if pre > 0:
-            mask = _attention_mask(slot_valid[:, :0], slot_valid)
+            mask = (_static_attention_mask(slot_valid, slot_valid[:, :pre], 0) if static
+                    else _attention_mask(slot_valid[:, :0], slot_valid))
             positions = torch.arange(pre, device=dev).expand(n, pre)
-            out = self.target(ids[:, :pre], mask, position_ids=positions, use_cache=True)
+            out = self.target(ids[:, :pre], mask, past_key_values=cache, position_ids=positions, use_cache=True)
             cache = out.past_key_values
             self._extend(dcache, out.hidden, ids[:, 1:pre + 1], committed)
+        start = pre  # static: the first free slot
         self._sync()
         prefill_seconds = time.perf_counter() - start_time
 
         outputs: list[list[int]] = [[] for _ in range(n)]
         stopped = [False] * n
-        active = list(range(n))
+        active = list(range(n))  # unfinished requests; their rows: the same (static) or 0 .. len(active) - 1
+        alive = torch.ones(n, dtype=torch.long, device=dev)  # static: 0 freezes a finished row
         records: list[tuple[Tensor, ...]] = []
         draft_times: list[float] = []
         verify_times: list[float] = []
         step = 0
         while active:
             b = len(active)
+            live = torch.tensor(active, device=dev) if static else None  # static: the unfinished rows
             self._sync()
             t0 = time.perf_counter()
             drafts, probs, conf_raw = self._draft(dcache, anchor, temperature, generator)
@@ -303,29 +334,44 @@ class SpeculativeEngine:
                 conf = probs.max(-1).values  # causal proxy: depends only on earlier drafts
             else:
                 conf = None
-            verify_len = self.policy(conf, k, b).clamp(0, k).to(dev) if k else torch.zeros(b, dtype=torch.long,
-                                                                                           device=dev)
-            kmax = int(verify_len.max()) if k else 0
+            if not k:
+                verify_len = torch.zeros(n if static else b, dtype=torch.long, device=dev)
+            elif static:  # the policy decides for the unfinished rows; finished rows verify nothing
+                verify_len = torch.zeros(n, dtype=torch.long, device=dev)
+                verify_len[live] = self.policy(None if conf is None else conf[live], k, b).clamp(0, k).to(dev)
+            else:
+                verify_len = self.policy(conf, k, b).clamp(0, k).to(dev)
+            kmax = k if static else int(verify_len.max()) if k else 0
             self._sync()
             t1 = time.perf_counter()
 
             verify_ids = torch.cat([anchor[:, None], drafts[:, :kmax]], dim=1)  # [B, kmax+1]
             j = torch.arange(kmax + 1, device=dev)
             new_valid = j[None, :] <= verify_len[:, None]
-            out = self.target(verify_ids, _attention_mask(slot_valid, new_valid), past_key_values=cache,
-                              position_ids=committed[:, None] + j, use_cache=True, compute_logits=True)
+            if static:
+                cache.write_at(torch.arange(start, start + kmax + 1, device=dev), start)
+                mask = _static_attention_mask(slot_valid, new_valid, start)
+            else:
+                mask = _attention_mask(slot_valid, new_valid)
+            out = self.target(verify_ids, mask, past_key_values=cache, position_ids=committed[:, None] + j,
+                              use_cache=True, compute_logits=True)
             cache = out.past_key_values
             accepted, next_token = verify_chain(drafts[:, :kmax], None if probs is None else probs[:, :kmax],
                                                 out.logits, verify_len, temperature, generator)
             self._sync()
             t2 = time.perf_counter()
 
-            slot_valid = torch.cat([slot_valid, j[None, :] <= accepted[:, None]], dim=1)
-            committed = committed + accepted + 1
-            rows = torch.arange(b, device=dev)
+            if static:  # a finished row commits nothing: its slots stay invalid, its context and position frozen
+                slot_valid[:, start:start + kmax + 1] = (j[None, :] <= accepted[:, None]) & alive.bool()[:, None]
+                start += kmax + 1
+            else:
+                slot_valid = torch.cat([slot_valid, j[None, :] <= accepted[:, None]], dim=1)
+            counts = (accepted + 1) * alive if static else accepted + 1
+            committed = committed + counts
+            rows = torch.arange(len(accepted), device=dev)
             after = torch.cat([drafts[:, :kmax], next_token[:, None]], dim=1).clone()  # token following each slot
             after[rows, accepted] = next_token
-            self._extend(dcache, out.hidden, after, accepted + 1)
+            self._extend(dcache, out.hidden, after, counts)
             anchor = next_token
             self._sync()
             t3 = time.perf_counter()
@@ -333,6 +379,9 @@ class SpeculativeEngine:
             verify_times.append(t2 - t1)
 
             # ---- bookkeeping on the host
+            if static:  # the unfinished rows only
+                verify_len, accepted, after = verify_len[live], accepted[live], after[live]
+                conf_raw = None if conf_raw is None else conf_raw[live]
             acc_list = accepted.tolist()
             made = after.tolist()
             num_tokens = []
@@ -356,15 +405,18 @@ class SpeculativeEngine:
 
             keep = [i for i, f in enumerate(finished) if not f]
             if len(keep) < b:
-                idx = torch.tensor(keep, dtype=torch.long, device=dev)
+                if static:  # finished rows stay in the batch, frozen and masked
+                    alive[[req for req, f in zip(active, finished) if f]] = 0
                 active = [active[i] for i in keep]
-                if not active:
-                    break
+                if not active or static:
+                    continue
+                idx = torch.tensor(keep, dtype=torch.long, device=dev)
                 for layer in self._cache_layers(cache):
                     layer.keys, layer.values = layer.keys[idx], layer.values[idx]
                 slot_valid, committed, anchor = slot_valid[idx], committed[idx], anchor[idx]
                 self._select_drafter_rows(dcache, idx)
-            slot_valid = self._maybe_compact(cache, slot_valid)
+            if not static:
+                slot_valid = self._maybe_compact(cache, slot_valid)
 
         self._sync()
         parts = list(zip(*records)) if records else None

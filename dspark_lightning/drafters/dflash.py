@@ -51,7 +51,12 @@ class Proposal:
 
 
 class ContextKVCache:
-    """Per-layer context keys/values of a batch of requests with uneven lengths (right-padded)."""
+    """Per-layer context keys/values of a batch of requests with uneven lengths (right-padded).
+
+    ``static`` (set by the engine's fixed-shape mode): views and masks always span the whole capacity, the buffers
+    never grow and ``lengths`` is updated in place, so a draft pass has the same shapes and addresses every round
+    (what a captured CUDA graph replays) and reads no length back to the host.
+    """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, *,
                  device: torch.device | str, dtype: torch.dtype, capacity: int = 256) -> None:
@@ -59,6 +64,7 @@ class ContextKVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.static = False
 
     @property
     def capacity(self) -> int:
@@ -68,6 +74,9 @@ class ContextKVCache:
         """Write the first ``counts[b]`` of T new entries ([B, kv, T, dh] per layer) after row b's length."""
         t = layer_kv[0][0].shape[2]
         need = int((self.lengths + counts).max())
+        if need > self.capacity and self.static:
+            raise ValueError(f"A static ContextKVCache of capacity {self.capacity} cannot hold {need} entries; "
+                             "create it with a larger capacity.")
         if need > self.capacity:
             grow = max(need, 2 * self.capacity) - self.capacity
             pad = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], grow, x.shape[3])], dim=2)  # noqa: E731
@@ -79,16 +88,23 @@ class ContextKVCache:
         for cache_k, cache_v, (k, v) in zip(self.keys, self.values, layer_kv):
             cache_k[rows, :, dest] = k[rows, :, src].to(cache_k.dtype)  # autocast may hand bf16
             cache_v[rows, :, dest] = v[rows, :, src].to(cache_v.dtype)
-        self.lengths = self.lengths + counts
+        if self.static:
+            self.lengths.add_(counts)
+        else:
+            self.lengths = self.lengths + counts
+
+    def _width(self) -> int:
+        if self.static:
+            return self.capacity
+        return int(self.lengths.max()) if self.lengths.numel() else 0
 
     def view(self, layer: int) -> tuple[Tensor, Tensor]:
-        n = int(self.lengths.max()) if self.lengths.numel() else 0
+        n = self._width()
         return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
 
     def key_mask(self) -> Tensor:
-        """[B, max_len] bool, True for filled entries."""
-        n = int(self.lengths.max())
-        return torch.arange(n, device=self.lengths.device) < self.lengths[:, None]
+        """[B, max_len] bool (static: [B, capacity]), True for filled entries."""
+        return torch.arange(self._width(), device=self.lengths.device) < self.lengths[:, None]
 
 
 def sample(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,68 @@
+"""A preallocated target KV cache for fixed-shape decoding (the engine's ``static_shapes`` mode and CUDA graphs).
+
+The engine's default cache is HF's ``DynamicCache``: every forward concatenates its new keys and values, so each
+step allocates and the attention width grows. Here every layer's keys and values live in one buffer of
+``capacity`` slots, allocated at the first write, and a forward writes its new tokens at the slots the engine
+names (:meth:`SlotKVCache.write_at`), in place. Attention always spans all ``capacity`` slots; the engine's 4-D mask
+hides the slots not written yet. The buffers, the slot index and so the shapes of a verify forward never change,
+which is what a captured CUDA graph needs.
+
+HF attention layers call ``update(key, value, layer_idx, ...)`` on whatever cache object they are given, and the
+model asks ``get_seq_length()`` only when it is not given positions; this duck-typed cache answers both, whatever
+the transformers version's name for the cache argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class SlotKVCache:
+    """Per-layer ``[B, kv_heads, capacity, head_dim]`` buffers written at explicit slots.
+
+    Args:
+        capacity: slots per row (the engine sizes it for a whole generation).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity} must be >= 1.")
+        self.capacity = capacity
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.slots: Tensor | None = None  # where the next forward's tokens go, [T] int64 on the cache's device
+        self.start = 0  # first slot of the next forward (what get_seq_length reports)
+
+    def write_at(self, slots: Tensor, start: int) -> None:
+        """The next forward writes its ``T`` tokens at ``slots [T]`` (in place, so a graph replays the same index
+        tensor once its values are updated); ``start`` is the first of them, for ``get_seq_length``."""
+        if int(start) + slots.numel() > self.capacity:
+            raise ValueError(f"Writing {slots.numel()} tokens from slot {start} overflows capacity={self.capacity}; "
+                             "size the cache for prompt + generated tokens x (gamma + 1).")
+        self.slots, self.start = slots, int(start)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.slots is None:
+            raise RuntimeError("SlotKVCache.write_at must name the slots before a forward writes to the cache.")
+        if layer_idx == len(self.keys):  # first write: allocate this layer's buffers
+            b, h, _, d = key_states.shape
+            self.keys.append(key_states.new_zeros(b, h, self.capacity, d))
+            self.values.append(value_states.new_zeros(b, h, self.capacity, value_states.shape[-1]))
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.slots, key_states.to(keys.dtype))
+        values.index_copy_(2, self.slots, value_states.to(values.dtype))
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start
+
+    @torch.no_grad()
+    def compact(self, order: Tensor, keep: int) -> None:
+        """Move each row's slots ``order [B, keep]`` to the front, in place (the buffers keep their addresses)."""
+        for buffer in (*self.keys, *self.values):
+            idx = order[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
+            buffer[:, :, :keep] = buffer.gather(2, idx)
