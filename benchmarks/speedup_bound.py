@@ -67,7 +67,7 @@ def main() -> None:
     ids = torch.tensor(prompts)
     engines = {"alone": SpeculativeEngine(target, None), "spec": SpeculativeEngine(target, drafter, gamma=args.gamma)}
     hf_runs, runs = [], {name: [] for name in engines}
-    for i in range(1 + args.repeats):  # taking turns, the first turn a warm-up
+    for _ in range(1 + args.repeats):  # taking turns, the first turn a warm-up
         start = time.perf_counter()
         target.model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
                               temperature=None, top_p=None, top_k=None, pad_token_id=0)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..drafters import Eagle3
 from ..kernels.markov_sampling import markov_sampler
 from ..targets import FrozenTarget
+from .graphs import GraphedCall
 from .policies import FixedLength
 from .sampling import verify_chain
 from .slot_cache import SlotKVCache
@@ -160,11 +161,15 @@ class SpeculativeEngine:
             verify length masked out), finished requests stay in the batch as masked rows, and the draft context
             spans its whole capacity. Same tokens as the default mode; more arithmetic, no allocation and no
             host read-back inside a pass. DSpark, DFlash or the target alone.
+        cuda_graphs: ``static_shapes`` with the draft and verify passes captured once per :meth:`generate` call as
+            CUDA graphs (:mod:`.graphs`) and replayed every round: one launch per pass instead of one per kernel.
+            Greedy decoding only (T = 0; sampling runs the same fixed shapes without graphs); the target on CUDA.
     """
 
     def __init__(self, target: FrozenTarget, drafter: nn.Module | None = None, *, gamma: int | None = None,
                  policy: Any = None, sts_temperatures: Sequence[float] | None = None,
-                 compact_min_slots: int = 256, fused_markov: bool = True, static_shapes: bool = False) -> None:
+                 compact_min_slots: int = 256, fused_markov: bool = True, static_shapes: bool = False,
+                 cuda_graphs: bool = False) -> None:
         layer_types = getattr(target.text_config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise ValueError(
@@ -173,10 +178,14 @@ class SpeculativeEngine:
             )
         self.target, self.drafter = target, drafter
         self.is_eagle3 = isinstance(drafter, Eagle3)
-        if static_shapes and self.is_eagle3:
+        if (static_shapes or cuda_graphs) and self.is_eagle3:
             raise ValueError("static_shapes supports DSpark, DFlash or the target alone; Eagle3 drafts through its own "
                              "growing cache. Use static_shapes=False for Eagle3.")
-        self.static_shapes = static_shapes
+        if cuda_graphs and target.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the target on a CUDA device, not {target.device}; "
+                             "use static_shapes=True (or neither) elsewhere.")
+        self.static_shapes = static_shapes or cuda_graphs
+        self.cuda_graphs = cuda_graphs
         if fused_markov and hasattr(drafter, "markov_sampler"):
             drafter.markov_sampler = markov_sampler  # DSpark's vanilla head samples through kernels/ (Triton on CUDA)
         if drafter is None:
@@ -303,6 +312,8 @@ class SpeculativeEngine:
             cache = SlotKVCache(pre + (max_new_tokens + 1) * (k + 1))
             slot_valid = torch.cat([slot_valid, slot_valid.new_zeros(n, cache.capacity - pre)], dim=1)
             cache.write_at(torch.arange(pre, device=dev), 0)
+            offsets, round_slots = torch.arange(k + 1, device=dev), torch.empty(k + 1, dtype=torch.long, device=dev)
+            slots_from = lambda first: torch.add(offsets, first, out=round_slots)  # noqa: E731 - a round's slots, in place
         if pre > 0:
             mask = (_static_attention_mask(slot_valid, slot_valid[:, :pre], 0) if static
                     else _attention_mask(slot_valid[:, :0], slot_valid))
@@ -311,6 +322,10 @@ class SpeculativeEngine:
             cache = out.past_key_values
             self._extend(dcache, out.hidden, ids[:, 1:pre + 1], committed)
         start = pre  # static: the first free slot
+        graphs = None
+        if self.cuda_graphs and temperature <= 0:
+            cache.write_at(slots_from(start), start)
+            graphs = self._capture(cache, dcache, anchor, committed, slot_valid, start)
         self._sync()
         prefill_seconds = time.perf_counter() - start_time
 
@@ -327,7 +342,11 @@ class SpeculativeEngine:
             live = torch.tensor(active, device=dev) if static else None  # static: the unfinished rows
             self._sync()
             t0 = time.perf_counter()
-            drafts, probs, conf_raw = self._draft(dcache, anchor, temperature, generator)
+            if graphs is not None and "draft" in graphs:
+                drafted = graphs["draft"](anchor)
+                drafts, probs, conf_raw = drafted[0], drafted[1], drafted[2] if len(drafted) == 3 else None
+            else:
+                drafts, probs, conf_raw = self._draft(dcache, anchor, temperature, generator)
             if conf_raw is not None:
                 conf = self._calibrate(conf_raw)
             elif probs is not None:
@@ -349,15 +368,18 @@ class SpeculativeEngine:
             j = torch.arange(kmax + 1, device=dev)
             new_valid = j[None, :] <= verify_len[:, None]
             if static:
-                cache.write_at(torch.arange(start, start + kmax + 1, device=dev), start)
+                cache.write_at(slots_from(start), start)
                 mask = _static_attention_mask(slot_valid, new_valid, start)
             else:
                 mask = _attention_mask(slot_valid, new_valid)
-            out = self.target(verify_ids, mask, past_key_values=cache, position_ids=committed[:, None] + j,
-                              use_cache=True, compute_logits=True)
-            cache = out.past_key_values
+            if graphs is not None:
+                hidden, logits = graphs["verify"](verify_ids, mask, committed[:, None] + j)
+            else:
+                out = self.target(verify_ids, mask, past_key_values=cache, position_ids=committed[:, None] + j,
+                                  use_cache=True, compute_logits=True)
+                cache, hidden, logits = out.past_key_values, out.hidden, out.logits
             accepted, next_token = verify_chain(drafts[:, :kmax], None if probs is None else probs[:, :kmax],
-                                                out.logits, verify_len, temperature, generator)
+                                                logits, verify_len, temperature, generator)
             self._sync()
             t2 = time.perf_counter()
 
@@ -371,7 +393,7 @@ class SpeculativeEngine:
             rows = torch.arange(len(accepted), device=dev)
             after = torch.cat([drafts[:, :kmax], next_token[:, None]], dim=1).clone()  # token following each slot
             after[rows, accepted] = next_token
-            self._extend(dcache, out.hidden, after, counts)
+            self._extend(dcache, hidden, after, counts)
             anchor = next_token
             self._sync()
             t3 = time.perf_counter()
@@ -424,6 +446,29 @@ class SpeculativeEngine:
             *(torch.cat(p) for p in parts),
             torch.tensor(draft_times, dtype=torch.float64), torch.tensor(verify_times, dtype=torch.float64))
         return Generation(outputs, rounds, prefill_seconds, time.perf_counter() - start_time, stopped)
+
+    def _capture(self, cache: SlotKVCache, dcache: Any, anchor: Tensor, committed: Tensor, slot_valid: Tensor,
+                 start: int) -> dict[str, GraphedCall]:
+        """The greedy draft pass and the verify pass of this generation as CUDA graphs, on its caches' buffers.
+        The warm-up and capture write the first round's slots of the target cache, which that round overwrites."""
+        k = self.gamma
+        j = torch.arange(k + 1, device=anchor.device)
+
+        def verify(ids: Tensor, mask: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+            out = self.target(ids, mask, past_key_values=cache, position_ids=positions, use_cache=True,
+                              compute_logits=True)
+            return out.hidden, out.logits
+
+        ids = anchor[:, None].expand(-1, k + 1).contiguous()
+        mask = _static_attention_mask(slot_valid, torch.ones_like(ids, dtype=torch.bool), start)
+        graphs = {"verify": GraphedCall(verify, ids, mask, committed[:, None] + j)}
+        if self.drafter is not None:
+            def draft(anchor_ids: Tensor) -> tuple[Tensor, ...]:
+                tokens, probs, conf = self._draft(dcache, anchor_ids, 0.0, None)
+                return (tokens, probs) if conf is None else (tokens, probs, conf)
+
+            graphs["draft"] = GraphedCall(draft, anchor)
+        return graphs
 
     def _maybe_compact(self, cache: Any, slot_valid: Tensor) -> Tensor:
         """Gather each row's valid slots to the front when at most half of the slots are valid."""

@@ -261,3 +261,28 @@ def test_static_shapes_with_long_accepted_prefixes_stop_tokens_and_budgets(targe
 def test_static_shapes_refuse_eagle3_naming_the_fix(target64, make_drafter, tiny_target_config):
     with pytest.raises(ValueError, match="static_shapes supports DSpark, DFlash.*static_shapes=False for Eagle3"):
         SpeculativeEngine(target64, make_drafter("eagle3", tiny_target_config()), static_shapes=True)
+
+
+def test_cuda_graphs_need_a_cuda_target_and_cuda_inputs(target64):
+    from dspark_lightning.decoding.graphs import GraphedCall
+
+    with pytest.raises(ValueError, match=r"cuda_graphs=True needs the target on a CUDA device, not cpu.*static_shapes"):
+        SpeculativeEngine(target64, None, cuda_graphs=True)
+    with pytest.raises(ValueError, match="example inputs on a CUDA device"):
+        GraphedCall(lambda x: (x,), torch.zeros(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["dspark-vanilla", "dspark-rnn", "dflash-deepspec", None])
+def test_cuda_graphs_decode_what_the_eager_engine_decodes(name, make_drafter, tiny_target_config):
+    """Draft and verify replayed from CUDA graphs: the same greedy tokens and records as the default engine on
+    the same GPU (uneven batch, finished rows frozen), for two calls in a row (each captures its own graphs)."""
+    target = FrozenTarget.from_config(tiny_target_config(), [0, 2], device="cuda")
+    drafter = None if name is None else make_drafter(name, tiny_target_config()).cuda()
+    eager = SpeculativeEngine(target, drafter)
+    graphed = SpeculativeEngine(target, drafter, cuda_graphs=True)
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        want, got = eager.generate(prompts, max_new_tokens=NEW), graphed.generate(prompts, max_new_tokens=NEW)
+        assert got.tokens == want.tokens and records(got) == records(want), name
+    sampled = graphed.generate(PROMPTS[:1], max_new_tokens=NEW, temperature=1.0, seed=3)  # T > 0: no graphs
+    assert sampled.tokens == eager.generate(PROMPTS[:1], max_new_tokens=NEW, temperature=1.0, seed=3).tokens
