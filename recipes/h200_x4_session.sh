@@ -7,10 +7,13 @@
 #           DDP on 4 GPUs for the synthetic Qwen3-8B-width drafter (the one fit of issue 10 never run); then
 #           benchmarks/train_step.py on GPU 0: DSpark and DFlash, eager vs compiled layers vs compiled step
 #   call 2  carry .device/wheels .device/p2   bash recipes/h200_x4_session.sh two
-#           GGUF -> HF; the cache build of all 3,200 conversations with 1 and with 4 processes; resume 4 GPUs -> 1 from it (RESUME_STEPS, default 40) with the
-#           shards dealt evenly, alone on the machine, then the uninterrupted 4-GPU run to compare against
-#   optional (after call 2)                   bash recipes/h200_x4_session.sh decode
-#           the 4-GPU SmolLM2 DSpark fit (if not done), then benchmarks/decode.py with it, alone on the machine
+#           GGUF -> HF; the CUDA-graph GPU tests and benchmarks/decode.py --modes eager static graphs alone on the
+#           machine (untrained drafter: the per-step cost is what graphs change); the cache build of all 3,200
+#           conversations with 1 and with 4 processes
+#   call 3  carry .device/wheels              bash recipes/h200_x4_session.sh three
+#           resume 4 GPUs -> 1 from the 4-process cache (RESUME_STEPS, default 40) with the shards dealt evenly,
+#           alone on the machine, then the uninterrupted 4-GPU run to compare against
+#   on a 1-GPU machine, after call 2's GGUF steps: bash recipes/h200_x4_session.sh decode (tests + decode only)
 #
 # Measured on the first such machine (docs/results/multigpu.md): a fit spends 140-270 s outside its timed steps
 # (start-up, compiling, validation), so each call holds at most two rounds of fits. Runs in one round share the
@@ -37,12 +40,12 @@ train_step() {  # issue 9's table on one GPU: the fused loss and flex attention,
     --profile 3 2>&1 | tee "$RUN/train_step.out" && touch "$RUN/train_step.done"
 }
 
-decode() {  # issue 4's rows (T = 0 and 1, batch 1 and 32, fixed vs scheduler) and issue 9's profile
+decode() {  # issue 9: CUDA graphs (GPU tests, then eager vs static vs graphed decoding, profiled), alone on GPU 0
   [[ -f $RUN/decode.done ]] && return
   local ckpt=$RUN/smollm2_ddp_4gpu/checkpoints/last.ckpt
-  [[ -f $ckpt ]] || { echo "!! no 4-GPU SmolLM2 checkpoint for the decode benchmark"; return; }
-  python benchmarks/decode.py --ckpt "$ckpt" --target-path "$SMOL" --batch-sizes 1 32 --temperatures 0 1 \
-    --max-new-tokens 128 --policies fixed scheduler --profile 32 2>&1 | tee "$RUN/decode.out" \
+  python -m pytest -q -m gpu -p no:cacheprovider tests/decoding 2>&1 | tail -4 | tee "$RUN/gpu_tests_decoding.out"
+  python benchmarks/decode.py $([[ -f $ckpt ]] && echo --ckpt "$ckpt") --target-path "$SMOL" --batch-sizes 1 32 \
+    --temperatures 0 --max-new-tokens 128 --modes eager static graphs --profile 24 2>&1 | tee "$RUN/decode.out" \
     && touch "$RUN/decode.done"
 }
 
@@ -66,17 +69,19 @@ case "${1:-}" in
   two)
     bash recipes/h200_prepare.sh part2 && bash recipes/h200_prepare.sh convert || exit 1
     mkdir -p "$(dirname "$DATA")" && gunzip -c docs/results/smollm2/regen_train.jsonl.gz > "$DATA"
-    export -f mg
-    deadline "$(left)" bash -c '
-      CACHE_SAMPLES=3200 mg 0,1,2,3 "1 4" cache
-      STEPS=${RESUME_STEPS:-40} mg 0,1,2,3 4 resume'
-    ;;
-  decode)
     export -f mg decode
     deadline "$(left)" bash -c '
-      MULTI_STRATEGIES=ddp mg 0,1,2,3 4 smollm2
-      CUDA_VISIBLE_DEVICES=0 decode'
+      CUDA_VISIBLE_DEVICES=0 decode
+      CACHE_SAMPLES=3200 mg 0,1,2,3 "1 4" cache'
     ;;
-  *) echo "usage: $0 one|two|decode" >&2; exit 2 ;;
+  three)
+    export -f mg
+    deadline "$(left)" bash -c 'STEPS=${RESUME_STEPS:-40} mg 0,1,2,3 4 resume'
+    ;;
+  decode)
+    export -f decode
+    deadline "$(left)" bash -c 'CUDA_VISIBLE_DEVICES=0 decode'
+    ;;
+  *) echo "usage: $0 one|two|three|decode" >&2; exit 2 ;;
 esac
 collect

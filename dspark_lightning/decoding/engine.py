@@ -24,6 +24,10 @@ row's rotary positions are given explicitly (``position_ids``), so a row with ho
 exactly what it would alone. When most slots are dead the cache is compacted (valid slots gathered to the
 front), and finished requests are dropped from the batch. Targets with sliding-window layers are refused:
 a custom mask would bypass their windows.
+
+``static_shapes`` keeps every shape fixed for a whole call instead (a preallocated slot cache, ``gamma + 1``
+verified slots per round, finished requests frozen in the batch), and ``cuda_graphs`` replays the greedy draft and
+verify passes from CUDA graphs captured on those buffers (``graphs.py``). Both decode the same tokens.
 """
 
 from __future__ import annotations
