@@ -286,3 +286,14 @@ def test_cuda_graphs_decode_what_the_eager_engine_decodes(name, make_drafter, ti
         assert got.tokens == want.tokens and records(got) == records(want), name
     sampled = graphed.generate(PROMPTS[:1], max_new_tokens=NEW, temperature=1.0, seed=3)  # T > 0: no graphs
     assert sampled.tokens == eager.generate(PROMPTS[:1], max_new_tokens=NEW, temperature=1.0, seed=3).tokens
+
+
+@pytest.mark.parametrize("policy", [ConfidenceThreshold(0.45), PrefixScheduler(SpsTable([4, 8, 16], [1.0, 1.0, 0.8]))])
+def test_static_shapes_follow_the_policy_per_request(target64, references, policy, make_drafter, tiny_target_config):
+    """Requests verify different numbers of drafts; static still verifies gamma + 1 slots and masks the rest: the same
+    tokens, verify lengths and acceptances as the default engine."""
+    drafter = make_drafter("dspark-vanilla", tiny_target_config())
+    want = SpeculativeEngine(target64, drafter, policy=policy).generate(PROMPTS, max_new_tokens=NEW)
+    got = SpeculativeEngine(target64, drafter, policy=policy, static_shapes=True).generate(PROMPTS, max_new_tokens=NEW)
+    assert got.tokens == want.tokens == references and records(got) == records(want)
+    assert len(set(want.rounds.proposal_length.tolist())) > 1  # the policy did vary the verify length
