@@ -144,6 +144,31 @@ def _static_attention_mask(slot_valid: Tensor, new_valid: Tensor, start: int) ->
     return mask[:, None]
 
 
+STATIC_CAPACITY_STEP = 256  # fixed-shape buffers are sized in multiples of this, so that similar calls share them
+
+
+def _round_up(x: int, step: int) -> int:
+    return -(-x // step) * step
+
+
+@dataclass
+class _StaticState:
+    """Buffers of the fixed-shape mode, kept between calls of the same shapes (with the graphs captured on them)."""
+
+    key: tuple[Any, ...]
+    cache: SlotKVCache
+    dcache: Any
+    offsets: Tensor  # [k + 1]: 0 .. k
+    graphs: dict[str, GraphedCall] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.round_slots = torch.empty_like(self.offsets)  # one buffer: a captured verify graph reads its address
+
+    def slots_from(self, first: int) -> Tensor:
+        """The slots a round writes, ``first .. first + k``, in the one buffer."""
+        return torch.add(self.offsets, first, out=self.round_slots)
+
+
 class SpeculativeEngine:
     """Batched chain speculative decoding (see module docstring).
 
@@ -165,9 +190,11 @@ class SpeculativeEngine:
             verify length masked out), finished requests stay in the batch as masked rows, and the draft context
             spans its whole capacity. Same tokens as the default mode; more arithmetic, no allocation and no
             host read-back inside a pass. DSpark, DFlash or the target alone.
-        cuda_graphs: ``static_shapes`` with the draft and verify passes captured once per :meth:`generate` call as
-            CUDA graphs (:mod:`.graphs`) and replayed every round: one launch per pass instead of one per kernel.
-            Greedy decoding only (T = 0; sampling runs the same fixed shapes without graphs); the target on CUDA.
+        cuda_graphs: ``static_shapes`` with the draft and verify passes captured as CUDA graphs (:mod:`.graphs`) and
+            replayed every round: one launch per pass instead of one per kernel. Captured at the first greedy call
+            and kept for later calls of the same batch size and capacities (buffers sized in steps of
+            :data:`STATIC_CAPACITY_STEP` slots). Greedy decoding only (T = 0; sampling runs the same fixed shapes
+            without graphs); the target on CUDA.
     """
 
     def __init__(self, target: FrozenTarget, drafter: nn.Module | None = None, *, gamma: int | None = None,
@@ -190,6 +217,7 @@ class SpeculativeEngine:
                              "use static_shapes=True (or neither) elsewhere.")
         self.static_shapes = static_shapes or cuda_graphs
         self.cuda_graphs = cuda_graphs
+        self._static: _StaticState | None = None
         if fused_markov and hasattr(drafter, "markov_sampler"):
             drafter.markov_sampler = markov_sampler  # DSpark's vanilla head samples through kernels/ (Triton on CUDA)
         if drafter is None:
@@ -306,18 +334,13 @@ class SpeculativeEngine:
         anchor = ids[all_rows, committed]
         cache = None
         dcache = None
-        if self.drafter is not None:
-            # static: a row's context ends at most at its prompt + max_new_tokens + the last round's overshoot
-            capacity = width + max_new_tokens + k + 1 if static else max(64, width + 4 * (k + 1))
-            dcache = self.drafter.new_cache(n, device=dev, capacity=capacity)
-            dcache.static = static
         if static:
-            # every round appends k + 1 slots and commits at least one token of every unfinished request
-            cache = SlotKVCache(pre + (max_new_tokens + 1) * (k + 1))
+            state = self._static_state(n, pre, width, max_new_tokens, dev)
+            cache, dcache = state.cache, state.dcache
             slot_valid = torch.cat([slot_valid, slot_valid.new_zeros(n, cache.capacity - pre)], dim=1)
             cache.write_at(torch.arange(pre, device=dev), 0)
-            offsets, round_slots = torch.arange(k + 1, device=dev), torch.empty(k + 1, dtype=torch.long, device=dev)
-            slots_from = lambda first: torch.add(offsets, first, out=round_slots)  # noqa: E731 - a round's slots, in place
+        elif self.drafter is not None:
+            dcache = self.drafter.new_cache(n, device=dev, capacity=max(64, width + 4 * (k + 1)))
         if pre > 0:
             mask = (_static_attention_mask(slot_valid, slot_valid[:, :pre], 0) if static
                     else _attention_mask(slot_valid[:, :0], slot_valid))
@@ -328,8 +351,10 @@ class SpeculativeEngine:
         start = pre  # static: the first free slot
         graphs = None
         if self.cuda_graphs and temperature <= 0:
-            cache.write_at(slots_from(start), start)
-            graphs = self._capture(cache, dcache, anchor, committed, slot_valid, start)
+            if not state.graphs:
+                cache.write_at(state.slots_from(start), start)
+                state.graphs = self._capture(cache, dcache, anchor, committed, slot_valid, start)
+            graphs = state.graphs
         self._sync()
         prefill_seconds = time.perf_counter() - start_time
 
@@ -372,7 +397,7 @@ class SpeculativeEngine:
             j = torch.arange(kmax + 1, device=dev)
             new_valid = j[None, :] <= verify_len[:, None]
             if static:
-                cache.write_at(slots_from(start), start)
+                cache.write_at(state.slots_from(start), start)
                 mask = _static_attention_mask(slot_valid, new_valid, start)
             else:
                 mask = _attention_mask(slot_valid, new_valid)
@@ -450,6 +475,26 @@ class SpeculativeEngine:
             *(torch.cat(p) for p in parts),
             torch.tensor(draft_times, dtype=torch.float64), torch.tensor(verify_times, dtype=torch.float64))
         return Generation(outputs, rounds, prefill_seconds, time.perf_counter() - start_time, stopped)
+
+    def _static_state(self, n: int, pre: int, width: int, max_new_tokens: int, dev: torch.device) -> _StaticState:
+        """The fixed-shape buffers (and graphs) for this call: those of the previous call when the batch size and
+        the capacities (rounded up to :data:`STATIC_CAPACITY_STEP`) are the same, reset; new ones otherwise."""
+        k = self.gamma
+        # Every round appends k + 1 slots and commits at least one token of every unfinished request; a row's draft
+        # context ends at most at its prompt + max_new_tokens + the last round's overshoot.
+        slots = _round_up(pre + (max_new_tokens + 1) * (k + 1), STATIC_CAPACITY_STEP)
+        context = _round_up(width + max_new_tokens + k + 1, STATIC_CAPACITY_STEP)
+        key = (n, slots, context, dev)
+        state = self._static
+        if state is None or state.key != key:
+            dcache = None
+            if self.drafter is not None:
+                dcache = self.drafter.new_cache(n, device=dev, capacity=context)
+                dcache.static = True
+            state = self._static = _StaticState(key, SlotKVCache(slots), dcache, torch.arange(k + 1, device=dev))
+        elif state.dcache is not None:
+            state.dcache.lengths.zero_()  # in place: a captured draft graph reads this tensor
+        return state
 
     def _capture(self, cache: SlotKVCache, dcache: Any, anchor: Tensor, committed: Tensor, slot_valid: Tensor,
                  start: int) -> dict[str, GraphedCall]:

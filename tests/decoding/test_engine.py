@@ -276,14 +276,19 @@ def test_cuda_graphs_need_a_cuda_target_and_cuda_inputs(target64):
 @pytest.mark.parametrize("name", ["dspark-vanilla", "dspark-rnn", "dflash-deepspec", None])
 def test_cuda_graphs_decode_what_the_eager_engine_decodes(name, make_drafter, tiny_target_config):
     """Draft and verify replayed from CUDA graphs: the same greedy tokens and records as the default engine on
-    the same GPU (uneven batch, finished rows frozen), for two calls in a row (each captures its own graphs)."""
+    the same GPU (uneven batch, finished rows frozen); a second call of the same shapes replays the first call's
+    graphs, a call of another batch size captures its own."""
     target = FrozenTarget.from_config(tiny_target_config(), [0, 2], device="cuda")
     drafter = None if name is None else make_drafter(name, tiny_target_config()).cuda()
     eager = SpeculativeEngine(target, drafter)
     graphed = SpeculativeEngine(target, drafter, cuda_graphs=True)
-    for prompts in (PROMPTS, PROMPTS[:1]):
+    captured = []
+    for call, prompts in enumerate((PROMPTS, PROMPTS, PROMPTS[:1])):
         want, got = eager.generate(prompts, max_new_tokens=NEW), graphed.generate(prompts, max_new_tokens=NEW)
-        assert got.tokens == want.tokens and records(got) == records(want), name
+        assert got.tokens == want.tokens and records(got) == records(want), (name, call)
+        assert set(graphed._static.graphs) == ({"verify"} if drafter is None else {"verify", "draft"})
+        captured.append(graphed._static.graphs)
+    assert captured[1] is captured[0] and captured[2] is not captured[0]
     sampled = graphed.generate(PROMPTS[:1], max_new_tokens=NEW, temperature=1.0, seed=3)  # T > 0: no graphs
     assert sampled.tokens == eager.generate(PROMPTS[:1], max_new_tokens=NEW, temperature=1.0, seed=3).tokens
 
@@ -297,3 +302,14 @@ def test_static_shapes_follow_the_policy_per_request(target64, references, polic
     got = SpeculativeEngine(target64, drafter, policy=policy, static_shapes=True).generate(PROMPTS, max_new_tokens=NEW)
     assert got.tokens == want.tokens == references and records(got) == records(want)
     assert len(set(want.rounds.proposal_length.tolist())) > 1  # the policy did vary the verify length
+
+
+def test_static_buffers_are_kept_for_calls_of_the_same_shapes(target64, references, make_drafter, tiny_target_config):
+    """A second call of the same batch size and capacities reuses the buffers (what its CUDA graphs were captured
+    on), reset: the same tokens; another batch size gets new buffers."""
+    engine = SpeculativeEngine(target64, make_drafter("dspark-vanilla", tiny_target_config()), static_shapes=True)
+    assert engine.generate(PROMPTS, max_new_tokens=NEW).tokens == references
+    state = engine._static
+    assert engine.generate(PROMPTS, max_new_tokens=NEW - 2).tokens == [r[:NEW - 2] for r in references]
+    assert engine._static is state  # capacities rounded up to STATIC_CAPACITY_STEP: the same buffers
+    assert engine.generate(PROMPTS[:1], max_new_tokens=NEW).tokens == references[:1] and engine._static is not state
