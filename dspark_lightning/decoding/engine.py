@@ -481,9 +481,10 @@ class SpeculativeEngine:
         the capacities (rounded up to :data:`STATIC_CAPACITY_STEP`) are the same, reset; new ones otherwise."""
         k = self.gamma
         # Every round appends k + 1 slots and commits at least one token of every unfinished request; a row's draft
-        # context ends at most at its prompt + max_new_tokens + the last round's overshoot.
+        # context ends at most at its prompt + max_new_tokens + the last round's overshoot (k), and a static append
+        # writes k + 1 entries after it.
         slots = _round_up(pre + (max_new_tokens + 1) * (k + 1), STATIC_CAPACITY_STEP)
-        context = _round_up(width + max_new_tokens + k + 1, STATIC_CAPACITY_STEP)
+        context = _round_up(width + max_new_tokens + 2 * (k + 1), STATIC_CAPACITY_STEP)
         key = (n, slots, context, dev)
         state = self._static
         if state is None or state.key != key:

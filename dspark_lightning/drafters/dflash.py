@@ -54,8 +54,8 @@ class ContextKVCache:
     """Per-layer context keys/values of a batch of requests with uneven lengths (right-padded).
 
     ``static`` (set by the engine's fixed-shape mode): views and masks always span the whole capacity, the buffers
-    never grow and ``lengths`` is updated in place, so a draft pass has the same shapes and addresses every round
-    (what a captured CUDA graph replays) and reads no length back to the host.
+    never grow, ``lengths`` is updated in place and appends read nothing back, so a draft pass has the same shapes
+    and addresses every round (what a captured CUDA graph replays) and no step of a round waits for the host.
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, *,
@@ -73,10 +73,18 @@ class ContextKVCache:
     def append(self, layer_kv: list[tuple[Tensor, Tensor]], counts: Tensor) -> None:
         """Write the first ``counts[b]`` of T new entries ([B, kv, T, dh] per layer) after row b's length."""
         t = layer_kv[0][0].shape[2]
+        if self.static:
+            # No host sync: all T entries go in after each row's length; only counts[b] of them count, and the
+            # next append overwrites the rest before anything reads them. The owner sizes the capacity for
+            # the longest row + T (the engine does).
+            dest = self.lengths[:, None] + torch.arange(t, device=counts.device)  # [B, T]
+            for cache_k, cache_v, (k, v) in zip(self.keys, self.values, layer_kv):
+                idx = dest[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+                cache_k.scatter_(2, idx, k.to(cache_k.dtype))
+                cache_v.scatter_(2, idx, v.to(cache_v.dtype))
+            self.lengths.add_(counts)
+            return
         need = int((self.lengths + counts).max())
-        if need > self.capacity and self.static:
-            raise ValueError(f"A static ContextKVCache of capacity {self.capacity} cannot hold {need} entries; "
-                             "create it with a larger capacity.")
         if need > self.capacity:
             grow = max(need, 2 * self.capacity) - self.capacity
             pad = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], grow, x.shape[3])], dim=2)  # noqa: E731
@@ -88,10 +96,7 @@ class ContextKVCache:
         for cache_k, cache_v, (k, v) in zip(self.keys, self.values, layer_kv):
             cache_k[rows, :, dest] = k[rows, :, src].to(cache_k.dtype)  # autocast may hand bf16
             cache_v[rows, :, dest] = v[rows, :, src].to(cache_v.dtype)
-        if self.static:
-            self.lengths.add_(counts)
-        else:
-            self.lengths = self.lengths + counts
+        self.lengths = self.lengths + counts
 
     def _width(self) -> int:
         if self.static:

@@ -52,3 +52,27 @@ def test_errors_name_the_value_and_the_fix():
         cache.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)
     with pytest.raises(ValueError, match=r"Writing 4 tokens from slot 6 overflows capacity=8.*gamma \+ 1"):
         cache.write_at(torch.arange(6, 10), 6)
+
+
+def test_static_draft_context_holds_what_the_growing_one_holds():
+    """The draft context of the fixed-shape mode (static: full-capacity views, appends without a host sync that
+    write all T entries and count counts[b] of them) holds, row by row, what the default one holds."""
+    from dspark_lightning.drafters.dflash import ContextKVCache
+
+    g = torch.Generator().manual_seed(0)
+    growing = ContextKVCache(2, 3, 2, 4, device="cpu", dtype=torch.float32, capacity=4)
+    static = ContextKVCache(2, 3, 2, 4, device="cpu", dtype=torch.float32, capacity=16)
+    static.static = True
+    lengths_address = static.lengths.data_ptr()
+    for t, counts in ((3, [3, 1, 2]), (4, [1, 4, 0]), (2, [2, 2, 1])):
+        layer_kv = [(torch.randn(3, 2, t, 4, generator=g), torch.randn(3, 2, t, 4, generator=g)) for _ in range(2)]
+        for cache in (growing, static):
+            cache.append(layer_kv, torch.tensor(counts))
+    assert torch.equal(static.lengths, growing.lengths) and static.lengths.data_ptr() == lengths_address
+    width = growing.key_mask().shape[1]
+    assert static.view(0)[0].shape[2] == 16 and torch.equal(static.key_mask()[:, :width], growing.key_mask())
+    assert not static.key_mask()[:, width:].any()
+    for layer in range(2):
+        for row, n in enumerate(growing.lengths.tolist()):
+            for a, b in zip(static.view(layer), growing.view(layer)):
+                assert torch.equal(a[row, :, :n], b[row, :, :n])
