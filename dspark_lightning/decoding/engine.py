@@ -499,8 +499,9 @@ class SpeculativeEngine:
 
     def _capture(self, cache: SlotKVCache, dcache: Any, anchor: Tensor, committed: Tensor, slot_valid: Tensor,
                  start: int) -> dict[str, GraphedCall]:
-        """The greedy draft pass and the verify pass of this generation as CUDA graphs, on its caches' buffers.
-        The warm-up and capture write the first round's slots of the target cache, which that round overwrites."""
+        """The greedy draft pass and the verify pass as CUDA graphs on the fixed-shape buffers (kept with them for
+        later calls). The warm-up and capture write the first round's slots of the target cache, which that round
+        overwrites."""
         k = self.gamma
         j = torch.arange(k + 1, device=anchor.device)
 
