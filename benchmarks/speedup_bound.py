@@ -16,6 +16,7 @@ round) speeds decoding up by ``τ * step / round``; the table prints it for the 
 
     python benchmarks/speedup_bound.py                       # batch 1, 30-layer target, 5-layer DSpark
     python benchmarks/speedup_bound.py --draft-layers 1 --tau 1.49 2.5 --goal 2.5
+    python benchmarks/speedup_bound.py --modes eager static   # the fixed-shape engine beside the default one
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--tau", type=float, nargs="+", default=[1.49, 2.5, 4.0],
                         help="accepted lengths to evaluate (1.49: the SmolLM2 DSpark's macro tau at T = 0)")
     parser.add_argument("--goal", type=float, default=2.5, help="speed-up goal (issue 9: 2.5x at batch 1, T = 0)")
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "static"],
+                        help="engine modes timed in the same turns (static: SpeculativeEngine(static_shapes=True))")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -65,7 +68,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, args.vocab, (40,), generator=g).tolist() for _ in range(args.batch_size)]
     ids = torch.tensor(prompts)
-    engines = {"alone": SpeculativeEngine(target, None), "spec": SpeculativeEngine(target, drafter, gamma=args.gamma)}
+    engines = {}
+    for mode in args.modes:
+        kw = {"static_shapes": mode == "static"}
+        engines["alone", mode] = SpeculativeEngine(target, None, **kw)
+        engines["spec", mode] = SpeculativeEngine(target, drafter, gamma=args.gamma, **kw)
     hf_runs, runs = [], {name: [] for name in engines}
     for _ in range(1 + args.repeats):  # taking turns, the first turn a warm-up
         start = time.perf_counter()
@@ -78,19 +85,20 @@ def main() -> None:
             n = len(r.draft_seconds)  # per round, all from this run: wall (prefill excluded), draft, verify
             runs[name].append(((out.seconds - out.prefill_seconds) / n, float(r.draft_seconds.mean()),
                                float(r.verify_seconds.mean()), n))
-    hf = statistics.median(hf_runs[1:])
-    step = statistics.median(run[0] for run in runs["alone"][1:])
-    round_, draft, verify, rounds = sorted(runs["spec"][1:])[args.repeats // 2]  # the run of median round time
     print(f"target: {args.target_layers} layers, hidden {args.hidden} (host-bound by construction); DSpark "
           f"{args.draft_layers} layers, gamma {args.gamma}; batch {args.batch_size}, {args.tokens} tokens")
-    print(f"HF generate, per token          {1e3 * hf:8.2f} ms")
-    print(f"engine, target-alone step       {1e3 * step:8.2f} ms")
-    print(f"engine, speculative round       {1e3 * round_:8.2f} ms  (draft {1e3 * draft:.2f}, verify "
-          f"{1e3 * verify:.2f}, {rounds} rounds)")
-    print(f"round / step                    {round_ / step:8.2f}")
-    for tau in args.tau:
-        print(f"speed-up at tau = {tau:<5}         {tau * step / round_:8.2f}x")
-    print(f"tau needed for {args.goal}x            {args.goal * round_ / step:8.2f}")
+    print(f"HF generate, per token          {1e3 * statistics.median(hf_runs[1:]):8.2f} ms")
+    for mode in args.modes:
+        step = statistics.median(run[0] for run in runs["alone", mode][1:])
+        round_, draft, verify, rounds = sorted(runs["spec", mode][1:])[args.repeats // 2]  # median round time
+        print(f"-- engine, {mode}")
+        print(f"target-alone step               {1e3 * step:8.2f} ms")
+        print(f"speculative round               {1e3 * round_:8.2f} ms  (draft {1e3 * draft:.2f}, verify "
+              f"{1e3 * verify:.2f}, {rounds} rounds)")
+        print(f"round / step                    {round_ / step:8.2f}")
+        for tau in args.tau:
+            print(f"speed-up at tau = {tau:<5}         {tau * step / round_:8.2f}x")
+        print(f"tau needed for {args.goal}x            {args.goal * round_ / step:8.2f}")
 
 
 if __name__ == "__main__":
