@@ -74,3 +74,16 @@ def test_compiled_layers_give_the_eager_loss_and_keep_parameter_names():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     got.backward()
     assert all(p.grad is not None for p in layers.parameters())
+
+
+def test_a_target_initialised_on_device_is_built_on_the_ranks_device():
+    """init_on_device: the random target is drawn where the strategy will run the module (the meta device stands
+    in for a GPU here), not where the module sits at setup (the CPU)."""
+    model = SMOKE["model"]
+    target = TargetConfig(**{**model["target"], "init_on_device": True})
+    module = DrafterModule(DrafterConfig(**model["drafter"]), target)
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), ckpt_path=None)
+    assert module.device.type == "cpu" and module._load_target().device.type == "meta"
+    default = DrafterModule(DrafterConfig(**model["drafter"]), TargetConfig(**model["target"]))
+    default._trainer = module._trainer
+    assert default._load_target().device.type == "cpu"  # other targets load where the module is, as before

