@@ -35,7 +35,8 @@ mg() {  # mg <visible GPUs> <world sizes> <parts...>: recipes/multigpu.sh on tho
 
 train_step() {  # issue 9's table on one GPU: the fused loss and flex attention, eager vs compiled, with profiles
   [[ -f $RUN/train_step.done ]] && return
-  python -m pytest -q -m gpu -p no:cacheprovider tests/drafters -k compiled_layers 2>&1 | tail -3 | tee "$RUN/gpu_tests.out"
+  python -m pytest -q -m gpu -p no:cacheprovider tests/drafters tests/test_targets.py -k "compiled_layers or init_on_device" \
+    2>&1 | tail -3 | tee "$RUN/gpu_tests.out"
   python benchmarks/train_step.py --algorithms dspark dflash --fused-only --attn flex --compile no layers step \
     --profile 3 2>&1 | tee "$RUN/train_step.out" && touch "$RUN/train_step.done"
 }
