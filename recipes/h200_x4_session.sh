@@ -4,8 +4,9 @@
 # one (files outside the repository live only while the machine stays warm):
 #
 #   call 1  carry .device/wheels .device/p1   bash recipes/h200_x4_session.sh one
-#           DDP on 4 GPUs for the synthetic Qwen3-8B-width drafter (the one fit of issue 10 never run); then
-#           benchmarks/train_step.py on GPU 0: DSpark and DFlash, eager vs compiled layers vs compiled step
+#           DDP on 4 GPUs for the synthetic Qwen3-8B-width drafter (the one fit of issue 10 never run); then on
+#           GPU 0: GPU tests, the scheduler with 16 warps beside 4 and 8, and benchmarks/train_step.py (DSpark and
+#           DFlash, eager vs compiled layers vs compiled step)
 #   call 2  carry .device/wheels .device/p2   bash recipes/h200_x4_session.sh two
 #           GGUF -> HF; the CUDA-graph GPU tests and benchmarks/decode.py --modes eager static graphs alone on the
 #           machine (untrained drafter: the per-step cost is what graphs change); the cache build of all 3,200
@@ -37,6 +38,7 @@ train_step() {  # issue 9's table on one GPU: the fused loss and flex attention,
   [[ -f $RUN/train_step.done ]] && return
   python -m pytest -q -m gpu -p no:cacheprovider tests/drafters tests/test_targets.py -k "compiled_layers or init_on_device" \
     2>&1 | tail -3 | tee "$RUN/gpu_tests.out"
+  python benchmarks/scheduler.py --num-warps 4 8 16 2>&1 | tail -8 | tee "$RUN/scheduler.out"  # goal <= 100 us
   python benchmarks/train_step.py --algorithms dspark dflash --fused-only --attn flex --compile no layers step \
     --profile 3 2>&1 | tee "$RUN/train_step.out" && touch "$RUN/train_step.done"
 }
