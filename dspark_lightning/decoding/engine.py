@@ -361,14 +361,14 @@ class SpeculativeEngine:
         outputs: list[list[int]] = [[] for _ in range(n)]
         stopped = [False] * n
         active = list(range(n))  # unfinished requests; their rows: the same (static) or 0 .. len(active) - 1
-        alive = torch.ones(n, dtype=torch.long, device=dev)  # static: 0 freezes a finished row
+        if static:  # the unfinished rows as an index (what the policy and the records read) and as a mask
+            live, alive = all_rows, torch.ones(n, dtype=torch.bool, device=dev)
         records: list[tuple[Tensor, ...]] = []
         draft_times: list[float] = []
         verify_times: list[float] = []
         step = 0
         while active:
             b = len(active)
-            live = torch.tensor(active, device=dev) if static else None  # static: the unfinished rows
             self._sync()
             t0 = time.perf_counter()
             if graphs is not None and "draft" in graphs:
@@ -413,7 +413,7 @@ class SpeculativeEngine:
             t2 = time.perf_counter()
 
             if static:  # a finished row commits nothing: its slots stay invalid, its context and position frozen
-                slot_valid[:, start:start + kmax + 1] = (j[None, :] <= accepted[:, None]) & alive.bool()[:, None]
+                slot_valid[:, start:start + kmax + 1] = (j[None, :] <= accepted[:, None]) & alive[:, None]
                 start += kmax + 1
             else:
                 slot_valid = torch.cat([slot_valid, j[None, :] <= accepted[:, None]], dim=1)
@@ -456,9 +456,10 @@ class SpeculativeEngine:
 
             keep = [i for i, f in enumerate(finished) if not f]
             if len(keep) < b:
-                if static:  # finished rows stay in the batch, frozen and masked
-                    alive[[req for req, f in zip(active, finished) if f]] = 0
                 active = [active[i] for i in keep]
+                if static:  # finished rows stay in the batch, frozen and masked
+                    live = torch.tensor(active, dtype=torch.long, device=dev)
+                    alive = torch.zeros_like(alive).index_fill_(0, live, True)
                 if not active or static:
                     continue
                 idx = torch.tensor(keep, dtype=torch.long, device=dev)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 
@@ -59,10 +58,3 @@ class SlotKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
-
-    @torch.no_grad()
-    def compact(self, order: Tensor, keep: int) -> None:
-        """Move each row's slots ``order [B, keep]`` to the front, in place (the buffers keep their addresses)."""
-        for buffer in (*self.keys, *self.values):
-            idx = order[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
-            buffer[:, :, :keep] = buffer.gather(2, idx)

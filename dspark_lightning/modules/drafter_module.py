@@ -161,8 +161,9 @@ class DrafterModule(L.LightningModule):
     def _load_target(self) -> FrozenTarget:
         if self.target is None:
             device = self.device
-            if self.target_config.init_on_device and getattr(self._trainer, "strategy", None) is not None:
-                device = self.trainer.strategy.root_device  # at setup the module itself is still on the CPU
+            strategy = getattr(self._trainer, "strategy", None)
+            if self.target_config.init_on_device and strategy is not None:
+                device = strategy.root_device  # at setup the module itself is still on the CPU
             self.__dict__["target"] = FrozenTarget.from_config(
                 self.target_config, self.drafter_config.target_layer_ids, device=device
             )

@@ -32,18 +32,6 @@ def test_chunked_forward_through_slots_equals_the_full_forward(target64):
     torch.testing.assert_close(torch.cat([o.hidden for o in outs], 1), full.hidden, rtol=1e-5, atol=1e-5)
 
 
-def test_compact_moves_each_rows_slots_to_the_front_in_place():
-    cache = SlotKVCache(6)
-    cache.write_at(torch.arange(6), 0)
-    keys = torch.arange(2 * 1 * 6 * 1, dtype=torch.float32).view(2, 1, 6, 1)
-    cache.update(keys, -keys, 0)
-    address = cache.keys[0].data_ptr()
-    cache.compact(torch.tensor([[1, 4], [0, 5]]), keep=2)
-    assert cache.keys[0].data_ptr() == address
-    assert cache.keys[0][:, 0, :2, 0].tolist() == [[1.0, 4.0], [6.0, 11.0]]
-    assert cache.values[0][:, 0, :2, 0].tolist() == [[-1.0, -4.0], [-6.0, -11.0]]
-
-
 def test_errors_name_the_value_and_the_fix():
     with pytest.raises(ValueError, match="capacity=0 must be >= 1"):
         SlotKVCache(0)

@@ -103,9 +103,7 @@ def read_inputs(inputs: list[str]) -> tuple[list[_Row], list[dict[str, Any]]]:
     sources = []
     for name in inputs:
         path = conversations_path(name)
-        with path.open(encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "{}")
-        tokens = "input_ids" in json.loads(first)
+        tokens = "input_ids" in next(iter_jsonl(path), (0, {}))[1]  # the first row says which kind the file holds
         raw = _read_token_rows(path) if tokens else read_conversations(path)
         for r in raw:
             rows.append(_Row(index=len(rows), id=str(r["id"]), messages=r.get("conversations"),
