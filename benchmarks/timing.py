@@ -11,11 +11,15 @@ import torch
 
 def median_seconds(runs: dict[str, Callable[[], object]], device: torch.device, repeats: int,
                    warmup: int = 2) -> dict[str, float]:
-    """Median wall time of one call of each run, synchronised on CUDA (the result exists when the clock stops);
-    the runs take turns, so load drifts hit all of them alike."""
+    """Median wall time of one call of each run, synchronised on CUDA (the result exists when the clock stops).
+    The runs take turns, so load drifts hit all of them alike, and the turn's order rotates, so no run always follows
+    the same one (what a run leaves behind, allocator or cache state, is shared out)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for i in range(warmup + repeats):
-        for name, fn in runs.items():
+        shift = i % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            fn = runs[name]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()

@@ -75,5 +75,6 @@ def launch(confidence: torch.Tensor, sps_values: torch.Tensor, out: torch.Tensor
     _prefix_schedule_kernel[(1,)](
         confidence, sps_values, out, r, k, confidence.stride(0), confidence.stride(1),
         BLOCK_R=block_r, BLOCK_K=block_k, IDX_BITS=block.bit_length() - 1,
-        num_warps=num_warps or min(8, max(1, block // 256)),  # about 8 keys per thread, at most 8 warps
+        # 4 keys per thread, at most 16 warps: R*K = 2048 takes 16 (H200: 73 us per decision against 88 with 8)
+        num_warps=num_warps or min(16, max(1, block // 128)),
     )

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
+from torch.overrides import TorchFunctionMode
 
 from dspark_lightning.decoding import (
     ConfidenceThreshold,
@@ -270,6 +271,57 @@ def test_cuda_graphs_need_a_cuda_target_and_cuda_inputs(target64):
         SpeculativeEngine(target64, None, cuda_graphs=True)
     with pytest.raises(ValueError, match="example inputs on a CUDA device"):
         GraphedCall(lambda x: (x,), torch.zeros(2))
+
+
+class _NoHostReadback(TorchFunctionMode):
+    """Refuses what a CUDA graph cannot capture: reading a tensor back to the host (``item``, ``tolist``, ``bool``,
+    ``int``, ``nonzero``, boolean indexing, ``cpu``), tensors made from Python data (a host-to-device copy) and
+    sampling through ``multinomial``."""
+
+    REFUSED = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+               torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.__len__, torch.Tensor.nonzero,
+               torch.nonzero, torch.Tensor.cpu, torch.Tensor.numpy, torch.masked_select, torch.Tensor.masked_select,
+               torch.unique, torch.Tensor.unique, torch.multinomial, torch.tensor, torch.as_tensor}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.REFUSED:
+            raise AssertionError(f"a captured pass calls {func.__name__}")
+        if func is torch.Tensor.__getitem__ and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool:
+            raise AssertionError("a captured pass indexes with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+class _UncapturedCall:
+    """``GraphedCall``'s interface on the CPU: runs ``fn`` under :class:`_NoHostReadback` on every call."""
+
+    def __init__(self, fn, *example_inputs, warmup=2):
+        self.fn = fn
+
+    def __call__(self, *inputs):
+        with _NoHostReadback():
+            return self.fn(*inputs)
+
+
+def test_no_host_readback_mode_catches_what_capture_refuses():
+    x = torch.arange(4.0)
+    for call in (lambda: x.sum().item(), lambda: bool(x.sum()), lambda: x[x > 1], lambda: torch.tensor([1.0])):
+        with pytest.raises(AssertionError, match="captured pass"), _NoHostReadback():
+            call()
+
+
+@pytest.mark.parametrize("name", STATIC_NAMES + [None])
+def test_the_passes_cuda_graphs_capture_never_read_back_to_the_host(target64, references, name, make_drafter,
+                                                                     tiny_target_config, monkeypatch):
+    """What the graphed engine captures (the greedy draft pass, the verify pass) runs here on the CPU under a mode
+    that refuses host read-backs: a CUDA graph could capture it, and the tokens are the target's own."""
+    import dspark_lightning.decoding.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "GraphedCall", _UncapturedCall)
+    drafter = None if name is None else make_drafter(name, tiny_target_config())
+    engine = SpeculativeEngine(target64, drafter, static_shapes=True)
+    engine.cuda_graphs = True  # the constructor wants CUDA for this; the passes are what is checked
+    assert engine.generate(PROMPTS, max_new_tokens=NEW).tokens == references
+    assert set(engine._static.graphs) == ({"verify"} if drafter is None else {"verify", "draft"})
 
 
 @pytest.mark.gpu
