@@ -152,21 +152,23 @@ def main() -> None:
         layer_ids = list(raw.target_layer_ids if isinstance(raw, DrafterConfig) else raw["target_layer_ids"])
     target = FrozenTarget.from_config(target_cfg, layer_ids, device=device)
     drafter = load_drafter(args.ckpt, target_cfg, target, device)
-    table = SpsTable.load(args.sps_table) if args.sps_table else None
-    if "scheduler" in args.policies and table is None:
+    tables = {mode: SpsTable.load(args.sps_table) if args.sps_table else None for mode in args.modes}
+    if "scheduler" in args.policies and not args.sps_table:  # SPS(B) measured as each mode verifies
         gamma = args.gamma or drafter.config.block_size
-        sps_path = Path(tempfile.mkdtemp()) / "sps.json"
-        profile_sps(target_cfg, str(sps_path), num_tokens=sorted({b * q for b in args.batch_sizes
-                                                                  for q in range(1, gamma + 2)}),
-                    requests=max(args.batch_sizes), device=str(device))
-        table = SpsTable.load(sps_path)
+        for graphed in sorted({mode == "graphs" for mode in args.modes}):
+            sps_path = Path(tempfile.mkdtemp()) / "sps.json"
+            print(f"SPS(B) for the scheduler, {'CUDA graphs' if graphed else 'eager'}:", flush=True)
+            profile_sps(target_cfg, str(sps_path), num_tokens=sorted({b * q for b in args.batch_sizes
+                                                                      for q in range(1, gamma + 2)}),
+                        requests=max(args.batch_sizes), device=str(device), cuda_graphs=graphed)
+            tables.update({mode: SpsTable.load(sps_path) for mode in args.modes if (mode == "graphs") == graphed})
     engines = {}
     for mode in args.modes:
         engines["target", mode] = SpeculativeEngine(target, None, **ENGINE_MODES[mode])
         for policy in args.policies:
             engines[policy, mode] = SpeculativeEngine(
                 target, drafter, gamma=args.gamma, policy=build_policy(policy, threshold=args.threshold,
-                                                                       sps_table=table), **ENGINE_MODES[mode])
+                                                                       sps_table=tables[mode]), **ENGINE_MODES[mode])
     spec = engines[args.policies[0], args.modes[0]]
     suite = load_suites(target_cfg, [args.suite], max_samples=max(args.batch_sizes) * 2,
                         max_prompt_tokens=args.max_prompt_tokens, hf_config=hf)[0]

@@ -25,9 +25,10 @@ exactly what it would alone. When most slots are dead the cache is compacted (va
 front), and finished requests are dropped from the batch. Targets with sliding-window layers are refused:
 a custom mask would bypass their windows.
 
-``static_shapes`` keeps every shape fixed for a whole call instead (a preallocated slot cache, ``gamma + 1``
-verified slots per round, finished requests frozen in the batch), and ``cuda_graphs`` replays the greedy draft and
-verify passes from CUDA graphs captured on those buffers (``graphs.py``). Both decode the same tokens.
+``static_shapes`` keeps the buffers fixed for a whole call instead (a preallocated slot cache, finished requests
+frozen in the batch, a round's verify width one of ``gamma + 1`` values), and ``cuda_graphs`` replays the greedy
+draft pass and each width's verify pass from CUDA graphs captured on those buffers (``graphs.py``), so a policy
+that verifies fewer drafts still saves the target's work. Both decode the same tokens.
 """
 
 from __future__ import annotations
@@ -159,14 +160,15 @@ class _StaticState:
     cache: SlotKVCache
     dcache: Any
     offsets: Tensor  # [k + 1]: 0 .. k
-    graphs: dict[str, GraphedCall] = field(default_factory=dict)
+    graphs: dict[str, GraphedCall] = field(default_factory=dict)  # "draft", "verify/<width>"
+    round_slots: dict[int, Tensor] = field(default_factory=dict)  # per verify width: a captured graph reads its address
 
-    def __post_init__(self) -> None:
-        self.round_slots = torch.empty_like(self.offsets)  # one buffer: a captured verify graph reads its address
-
-    def slots_from(self, first: int) -> Tensor:
-        """The slots a round writes, ``first .. first + k``, in the one buffer."""
-        return torch.add(self.offsets, first, out=self.round_slots)
+    def slots_from(self, first: int, width: int) -> Tensor:
+        """The slots a round of ``width`` verified tokens writes, ``first .. first + width - 1``, in that width's one
+        buffer."""
+        if width not in self.round_slots:
+            self.round_slots[width] = torch.empty_like(self.offsets[:width])
+        return torch.add(self.offsets[:width], first, out=self.round_slots[width])
 
 
 class SpeculativeEngine:
@@ -186,15 +188,15 @@ class SpeculativeEngine:
             ``kernels.markov_sampling`` (one fused step per position, Triton on CUDA, Gumbel-max sampling);
             False keeps the drafter's own loop (``torch.multinomial``).
         static_shapes: decode with fixed shapes: the target's KV cache is preallocated for the whole generation
-            (:class:`~.slot_cache.SlotKVCache`), every round verifies ``gamma + 1`` slots (those past a request's
-            verify length masked out), finished requests stay in the batch as masked rows, and the draft context
-            spans its whole capacity. Same tokens as the default mode; more arithmetic, no allocation and no
-            host read-back inside a pass. DSpark, DFlash or the target alone.
+            (:class:`~.slot_cache.SlotKVCache`), a round verifies as many slots as the longest verify length in the
+            batch plus the anchor (one of ``gamma + 1`` widths; rows verifying fewer are masked), finished requests
+            stay in the batch as masked rows, and the draft context spans its whole capacity. Same tokens as the
+            default mode; no allocation and no host read-back inside a pass. DSpark, DFlash or the target alone.
         cuda_graphs: ``static_shapes`` with the draft and verify passes captured as CUDA graphs (:mod:`.graphs`) and
-            replayed every round: one launch per pass instead of one per kernel. Captured at the first greedy call
-            and kept for later calls of the same batch size and capacities (buffers sized in steps of
-            :data:`STATIC_CAPACITY_STEP` slots). Greedy decoding only (T = 0; sampling runs the same fixed shapes
-            without graphs); the target on CUDA.
+            replayed every round: one launch per pass instead of one per kernel. The draft pass is captured at the
+            first greedy round, the verify pass once per verify width it meets, and all are kept for later calls
+            of the same batch size and capacities (buffers sized in steps of :data:`STATIC_CAPACITY_STEP` slots).
+            Greedy decoding only (T = 0; sampling runs the same fixed shapes without graphs); the target on CUDA.
     """
 
     def __init__(self, target: FrozenTarget, drafter: nn.Module | None = None, *, gamma: int | None = None,
@@ -349,12 +351,7 @@ class SpeculativeEngine:
             cache = out.past_key_values
             self._extend(dcache, out.hidden, ids[:, 1:pre + 1], committed)
         start = pre  # static: the first free slot
-        graphs = None
-        if self.cuda_graphs and temperature <= 0:
-            if not state.graphs:
-                cache.write_at(state.slots_from(start), start)
-                state.graphs = self._capture(cache, dcache, anchor, committed, slot_valid, start)
-            graphs = state.graphs
+        graphs = state.graphs if self.cuda_graphs and temperature <= 0 else None
         self._sync()
         prefill_seconds = time.perf_counter() - start_time
 
@@ -371,7 +368,9 @@ class SpeculativeEngine:
             b = len(active)
             self._sync()
             t0 = time.perf_counter()
-            if graphs is not None and "draft" in graphs:
+            if graphs is not None and self.drafter is not None:
+                if "draft" not in graphs:
+                    graphs["draft"] = self._draft_graph(dcache, anchor)
                 drafted = graphs["draft"](anchor)
                 drafts, probs, conf_raw = drafted[0], drafted[1], drafted[2] if len(drafted) == 3 else None
             else:
@@ -389,7 +388,7 @@ class SpeculativeEngine:
                 verify_len[live] = self.policy(None if conf is None else conf[live], k, b).clamp(0, k).to(dev)
             else:
                 verify_len = self.policy(conf, k, b).clamp(0, k).to(dev)
-            kmax = k if static else int(verify_len.max()) if k else 0
+            kmax = self._verify_width(verify_len) - 1
             self._sync()
             t1 = time.perf_counter()
 
@@ -397,12 +396,15 @@ class SpeculativeEngine:
             j = torch.arange(kmax + 1, device=dev)
             new_valid = j[None, :] <= verify_len[:, None]
             if static:
-                cache.write_at(state.slots_from(start), start)
+                cache.write_at(state.slots_from(start, kmax + 1), start)
                 mask = _static_attention_mask(slot_valid, new_valid, start)
             else:
                 mask = _attention_mask(slot_valid, new_valid)
             if graphs is not None:
-                hidden, logits = graphs["verify"](verify_ids, mask, committed[:, None] + j)
+                key = f"verify/{kmax + 1}"
+                if key not in graphs:
+                    graphs[key] = self._verify_graph(cache, verify_ids, mask, committed[:, None] + j)
+                hidden, logits = graphs[key](verify_ids, mask, committed[:, None] + j)
             else:
                 out = self.target(verify_ids, mask, past_key_values=cache, position_ids=committed[:, None] + j,
                                   use_cache=True, compute_logits=True)
@@ -498,29 +500,32 @@ class SpeculativeEngine:
             state.dcache.lengths.zero_()  # in place: a captured draft graph reads this tensor
         return state
 
-    def _capture(self, cache: SlotKVCache, dcache: Any, anchor: Tensor, committed: Tensor, slot_valid: Tensor,
-                 start: int) -> dict[str, GraphedCall]:
-        """The greedy draft pass and the verify pass as CUDA graphs on the fixed-shape buffers (kept with them for
-        later calls). The warm-up and capture write the first round's slots of the target cache, which that round
-        overwrites."""
-        k = self.gamma
-        j = torch.arange(k + 1, device=anchor.device)
+    def _verify_width(self, verify_len: Tensor) -> int:
+        """Tokens a round verifies per row: the anchor plus the longest verify length. Known on the host for a
+        fixed-length policy; read back from ``verify_len`` otherwise (once per round, before the verify pass)."""
+        if not self.gamma:
+            return 1
+        if isinstance(self.policy, FixedLength):
+            return 1 + min(self.gamma, self.policy.length if self.policy.length is not None else self.gamma)
+        return 1 + int(verify_len.max())
 
+    def _draft_graph(self, dcache: Any, anchor: Tensor) -> GraphedCall:
+        """The greedy draft pass as a CUDA graph over the fixed-shape draft context (it reads, never writes it)."""
+        def draft(anchor_ids: Tensor) -> tuple[Tensor, ...]:
+            tokens, probs, conf = self._draft(dcache, anchor_ids, 0.0, None)
+            return (tokens, probs) if conf is None else (tokens, probs, conf)
+
+        return GraphedCall(draft, anchor)
+
+    def _verify_graph(self, cache: SlotKVCache, ids: Tensor, mask: Tensor, positions: Tensor) -> GraphedCall:
+        """The verify pass of one width as a CUDA graph, captured on this round's inputs. Its warm-up and capture
+        write this round's slots of the target cache, which the round's replay then overwrites."""
         def verify(ids: Tensor, mask: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
             out = self.target(ids, mask, past_key_values=cache, position_ids=positions, use_cache=True,
                               compute_logits=True)
             return out.hidden, out.logits
 
-        ids = anchor[:, None].expand(-1, k + 1).contiguous()
-        mask = _static_attention_mask(slot_valid, torch.ones_like(ids, dtype=torch.bool), start)
-        graphs = {"verify": GraphedCall(verify, ids, mask, committed[:, None] + j)}
-        if self.drafter is not None:
-            def draft(anchor_ids: Tensor) -> tuple[Tensor, ...]:
-                tokens, probs, conf = self._draft(dcache, anchor_ids, 0.0, None)
-                return (tokens, probs) if conf is None else (tokens, probs, conf)
-
-            graphs["draft"] = GraphedCall(draft, anchor)
-        return graphs
+        return GraphedCall(verify, ids, mask, positions)
 
     def _maybe_compact(self, cache: Any, slot_valid: Tensor) -> Tensor:
         """Gather each row's valid slots to the front when at most half of the slots are valid."""

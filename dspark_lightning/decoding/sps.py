@@ -4,10 +4,13 @@ The hardware-aware prefix scheduler (``policies.PrefixScheduler``, DSpark paper 
 accepted tokens against the cost of verifying them; that cost comes from this table, measured on the device
 that serves. ``profile-sps`` measures it for the engine's own verify forward (``engine.SpeculativeEngine``):
 ``requests`` rows, each with a KV cache of ``context_length`` tokens, verifying ``ceil(B / requests)`` tokens.
+With ``cuda_graphs`` the forward is replayed from a CUDA graph over a preallocated slot cache, as the engine's
+``cuda_graphs`` mode runs it; a table for that mode must be measured that way (launching kernels one by one
+costs the same at every B on a small target, so the eager table is flat where the graphed one is not).
 
 JSON written and read: ``{"num_tokens": [B...], "steps_per_second": [SPS...], "requests": R,
-"context_length": L, "device": "...", "dtype": "...", "target": {...}}`` (a plain ``{"B": SPS}`` mapping is
-read too).
+"context_length": L, "cuda_graphs": bool, "device": "...", "dtype": "...", "target": {...}}`` (a plain
+``{"B": SPS}`` mapping is read too).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ import torch
 from torch import Tensor
 
 from ..targets import FrozenTarget, TargetConfig
+from .graphs import GraphedCall
+from .slot_cache import SlotKVCache
 
 
 def isotonic_fit(values: Sequence[float]) -> list[float]:
@@ -124,6 +129,7 @@ def profile_sps(
     warmup: int = 2,
     iters: int = 10,
     device: str | None = None,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Profile SPS(B), the target's verify steps per second, on this device and write it as JSON.
 
@@ -141,6 +147,7 @@ def profile_sps(
         warmup: untimed forwards per count.
         iters: timed forwards per count (the median is kept).
         device: ``cuda``, ``cpu``...; default CUDA when available.
+        cuda_graphs: time the forward replayed from a CUDA graph (the engine's ``cuda_graphs`` mode); CUDA only.
 
     Returns:
         The written table as a dict.
@@ -149,6 +156,9 @@ def profile_sps(
     counts = sorted(set(num_tokens or [requests * q for q in range(1, 9)]))
     if not counts or counts[0] < 1:
         raise ValueError(f"num_tokens={num_tokens} must be positive integers.")
+    if cuda_graphs and dev.type != "cuda":
+        raise ValueError(f"cuda_graphs=True profiles CUDA graphs; the device is {dev}. Use a CUDA device or "
+                         "cuda_graphs=False.")
     model = FrozenTarget.from_config(target, [0], device=dev)
     vocab = model.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -157,22 +167,16 @@ def profile_sps(
         rows = min(requests, count)
         per_row = math.ceil(count / rows)
         context = torch.randint(0, vocab, (rows, context_length), generator=g).to(dev)
-        out = model(context, use_cache=True)
-        cache = out.past_key_values
         new = torch.randint(0, vocab, (rows, per_row), generator=g).to(dev)
-        kv = context_length + per_row
-        mask = torch.ones(rows, 1, per_row, kv, dtype=torch.bool, device=dev)
-        mask[..., context_length:] = torch.ones(per_row, per_row, dtype=torch.bool, device=dev).tril()
-        positions = (context_length + torch.arange(per_row, device=dev)).expand(rows, per_row)
+        step = (_graphed_verify if cuda_graphs else _eager_verify)(model, context, new)
         times = []
         for it in range(warmup + iters):
             _synchronize(dev)
             start = time.perf_counter()
-            model(new, mask, past_key_values=cache, position_ids=positions, use_cache=True, compute_logits=True)
+            step()
             _synchronize(dev)
             if it >= warmup:
                 times.append(time.perf_counter() - start)
-            cache.crop(-per_row)
         times.sort()
         sps.append(1.0 / times[len(times) // 2])
         print(f"B={count:5d} ({rows} x {per_row}): {sps[-1]:9.2f} steps/s", flush=True)
@@ -181,6 +185,7 @@ def profile_sps(
         "steps_per_second": sps,
         "requests": requests,
         "context_length": context_length,
+        "cuda_graphs": cuda_graphs,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
         "dtype": target.dtype,
         "target": target.identity(),
@@ -190,6 +195,49 @@ def profile_sps(
     path.write_text(json.dumps(table, indent=2))
     print(f"SPS table written to {path}")
     return table
+
+
+def _verify_mask(rows: int, context_length: int, per_row: int, device: torch.device) -> Tensor:
+    """``[rows, 1, per_row, context_length + per_row]``: the whole context, causal among the new tokens."""
+    mask = torch.ones(rows, 1, per_row, context_length + per_row, dtype=torch.bool, device=device)
+    mask[..., context_length:] = torch.ones(per_row, per_row, dtype=torch.bool, device=device).tril()
+    return mask
+
+
+def _eager_verify(model: FrozenTarget, context: Tensor, new: Tensor) -> Callable[[], Any]:
+    """One verify forward of ``new`` after ``context`` in HF's dynamic cache (cropped back after every call)."""
+    (rows, ctx), per_row = context.shape, new.shape[1]
+    cache = model(context, use_cache=True).past_key_values
+    mask = _verify_mask(rows, ctx, per_row, new.device)
+    positions = (ctx + torch.arange(per_row, device=new.device)).expand(rows, per_row)
+
+    def step() -> None:
+        model(new, mask, past_key_values=cache, position_ids=positions, use_cache=True, compute_logits=True)
+        cache.crop(-per_row)
+
+    return step
+
+
+def _graphed_verify(model: FrozenTarget, context: Tensor, new: Tensor) -> Callable[[], Any]:
+    """The same forward over a slot cache of ``context + new`` slots, captured once and replayed."""
+    (rows, ctx), per_row = context.shape, new.shape[1]
+    dev = new.device
+    cache = SlotKVCache(ctx + per_row)
+    cache.write_at(torch.arange(ctx, device=dev), 0)
+    prefill = _verify_mask(rows, 0, ctx, dev)  # causal over the context ...
+    prefill = torch.cat([prefill, prefill.new_zeros(rows, 1, ctx, per_row)], dim=-1)  # ... blind to the new slots
+    model(context, prefill, past_key_values=cache, position_ids=torch.arange(ctx, device=dev).expand(rows, ctx),
+          use_cache=True)
+    cache.write_at(ctx + torch.arange(per_row, device=dev), ctx)
+    mask = _verify_mask(rows, ctx, per_row, dev)
+    positions = (ctx + torch.arange(per_row, device=dev)).expand(rows, per_row)
+
+    def verify(ids: Tensor, mask: Tensor, positions: Tensor) -> tuple[Tensor]:
+        out = model(ids, mask, past_key_values=cache, position_ids=positions, use_cache=True, compute_logits=True)
+        return (out.logits,)
+
+    graph = GraphedCall(verify, new, mask, positions)
+    return lambda: graph(new, mask, positions)
 
 
 def as_sps_table(value: SpsTable | str | Path | dict | Sequence | None) -> SpsTable | None:

@@ -321,7 +321,29 @@ def test_the_passes_cuda_graphs_capture_never_read_back_to_the_host(target64, re
     engine = SpeculativeEngine(target64, drafter, static_shapes=True)
     engine.cuda_graphs = True  # the constructor wants CUDA for this; the passes are what is checked
     assert engine.generate(PROMPTS, max_new_tokens=NEW).tokens == references
-    assert set(engine._static.graphs) == ({"verify"} if drafter is None else {"verify", "draft"})
+    assert set(engine._static.graphs) == ({"verify/1"} if drafter is None else {"verify/5", "draft"})
+
+
+def test_graphed_verify_follows_the_policy_one_graph_per_width(target64, references, make_drafter,
+                                                               tiny_target_config, monkeypatch):
+    """A policy that verifies fewer drafts shortens the graphed verify pass: the round's width is the longest
+    verify length plus the anchor, one graph per width met; the tokens and records are the default engine's."""
+    import dspark_lightning.decoding.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "GraphedCall", _UncapturedCall)
+    drafter = make_drafter("dspark-vanilla", tiny_target_config())
+    policy = ConfidenceThreshold(0.55)  # rounds of widths 1, 2 and 5 on these prompts
+    want = SpeculativeEngine(target64, drafter, policy=policy).generate(PROMPTS, max_new_tokens=NEW)
+    engine = SpeculativeEngine(target64, drafter, policy=policy, static_shapes=True)
+    engine.cuda_graphs = True
+    got = engine.generate(PROMPTS, max_new_tokens=NEW)
+    assert got.tokens == want.tokens == references and records(got) == records(want)
+    widths = {int(key.split("/")[1]) for key in engine._static.graphs if key.startswith("verify/")}
+    rounds = got.rounds
+    per_round = [1 + int(rounds.proposal_length[rounds.step == i].max()) for i in range(int(rounds.step.max()) + 1)]
+    assert widths == set(per_round) and len(widths) > 1
+    # each round took its width of slots after the prompt's (the last round wrote from cache.start on)
+    assert engine._static.cache.start + per_round[-1] == len(PROMPTS[2]) - 1 + sum(per_round)
 
 
 @pytest.mark.gpu
@@ -338,11 +360,26 @@ def test_cuda_graphs_decode_what_the_eager_engine_decodes(name, make_drafter, ti
     for call, prompts in enumerate((PROMPTS, PROMPTS, PROMPTS[:1])):
         want, got = eager.generate(prompts, max_new_tokens=NEW), graphed.generate(prompts, max_new_tokens=NEW)
         assert got.tokens == want.tokens and records(got) == records(want), (name, call)
-        assert set(graphed._static.graphs) == ({"verify"} if drafter is None else {"verify", "draft"})
+        assert set(graphed._static.graphs) == ({"verify/1"} if drafter is None else {"verify/5", "draft"})
         captured.append(graphed._static.graphs)
     assert captured[1] is captured[0] and captured[2] is not captured[0]
     sampled = graphed.generate(PROMPTS[:1], max_new_tokens=NEW, temperature=1.0, seed=3)  # T > 0: no graphs
     assert sampled.tokens == eager.generate(PROMPTS[:1], max_new_tokens=NEW, temperature=1.0, seed=3).tokens
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_verify_one_width_per_graph_as_the_policy_asks(make_drafter, tiny_target_config):
+    """On the GPU: a threshold policy's rounds of widths 1, 2 and 5 replay one verify graph per width, and decode
+    what the default engine decodes."""
+    target = FrozenTarget.from_config(tiny_target_config(), [0, 2], device="cuda")
+    drafter = make_drafter("dspark-vanilla", tiny_target_config()).cuda()
+    policy = ConfidenceThreshold(0.55)
+    want = SpeculativeEngine(target, drafter, policy=policy).generate(PROMPTS, max_new_tokens=NEW)
+    graphed = SpeculativeEngine(target, drafter, policy=policy, cuda_graphs=True)
+    got = graphed.generate(PROMPTS, max_new_tokens=NEW)
+    assert got.tokens == want.tokens and records(got) == records(want)
+    widths = {1 + int(n) for n in got.rounds.proposal_length.view(-1, len(PROMPTS)).max(1).values}
+    assert {f"verify/{w}" for w in widths} | {"draft"} == set(graphed._static.graphs) and len(widths) > 1
 
 
 @pytest.mark.parametrize("policy", [ConfidenceThreshold(0.45), PrefixScheduler(SpsTable([4, 8, 16], [1.0, 1.0, 0.8]))])

@@ -127,6 +127,40 @@ def test_profile_sps_writes_a_table(tmp_path, capsys):
     assert PrefixScheduler(table)(torch.full((2, 3), 0.5), 3, 2).shape == (2,)
 
 
+def test_profile_sps_graphed_forward_is_the_engines_verify_forward(monkeypatch, tmp_path):
+    """The forward ``profile_sps(cuda_graphs=True)`` captures (slot cache, context prefilled, new tokens written
+    after it) gives the logits of a plain forward over context + new; on a CPU the option is refused first."""
+    import dspark_lightning.decoding.sps as sps_module
+    from dspark_lightning.targets import FrozenTarget, TargetConfig
+
+    target = TargetConfig(tiny={"model_type": "qwen3", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+                                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                "head_dim": 8}, dtype="float32")
+    with pytest.raises(ValueError, match="cuda_graphs=True profiles CUDA graphs; the device is cpu"):
+        profile_sps(target, str(tmp_path / "sps.json"), num_tokens=[2], requests=2, device="cpu", cuda_graphs=True)
+    assert not (tmp_path / "sps.json").exists()
+    monkeypatch.setattr(sps_module, "GraphedCall", lambda fn, *inputs, warmup=2: fn)  # replay = call, on the CPU
+    model = FrozenTarget.from_config(target, [0])
+    g = torch.Generator().manual_seed(0)
+    context, new = torch.randint(0, 32, (3, 6), generator=g), torch.randint(0, 32, (3, 4), generator=g)
+    (logits,) = sps_module._graphed_verify(model, context, new)()
+    full = model(torch.cat([context, new], dim=1), compute_logits=True).logits[:, 6:]
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_profile_sps_with_cuda_graphs_on_the_gpu(tmp_path):
+    from dspark_lightning.targets import TargetConfig
+
+    target = TargetConfig(tiny={"model_type": "qwen3", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+                                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                "head_dim": 8})
+    out = profile_sps(target, str(tmp_path / "sps.json"), num_tokens=[4, 8, 16], requests=4, context_length=16,
+                      warmup=1, iters=3, device="cuda", cuda_graphs=True)
+    assert out["cuda_graphs"] is True and len(out["steps_per_second"]) == 3
+    assert SpsTable.load(tmp_path / "sps.json").num_tokens == [4, 8, 16]
+
+
 def test_prefix_scheduler_backend_choice(monkeypatch):
     """The decision runs in kernels.prefix_schedule; ``backend`` (or DSPARK_KERNEL_BACKEND) picks torch or Triton."""
     conf = torch.rand(16, 5, generator=torch.Generator().manual_seed(2))
