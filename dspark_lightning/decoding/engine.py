@@ -27,8 +27,8 @@ a custom mask would bypass their windows.
 
 ``static_shapes`` keeps the buffers fixed for a whole call instead (a preallocated slot cache, finished requests
 frozen in the batch, a round's verify width one of ``gamma + 1`` values), and ``cuda_graphs`` replays the greedy
-draft pass and each width's verify pass from CUDA graphs captured on those buffers (``graphs.py``), so a policy
-that verifies fewer drafts still saves the target's work. Both decode the same tokens.
+draft pass, and each width's verify pass and draft-context append, from CUDA graphs captured on those buffers
+(``graphs.py``), so a policy that verifies fewer drafts still saves the target's work. Both decode the same tokens.
 """
 
 from __future__ import annotations
@@ -192,10 +192,11 @@ class SpeculativeEngine:
             batch plus the anchor (one of ``gamma + 1`` widths; rows verifying fewer are masked), finished requests
             stay in the batch as masked rows, and the draft context spans its whole capacity. Same tokens as the
             default mode; no allocation and no host read-back inside a pass. DSpark, DFlash or the target alone.
-        cuda_graphs: ``static_shapes`` with the draft and verify passes captured as CUDA graphs (:mod:`.graphs`) and
-            replayed every round: one launch per pass instead of one per kernel. The draft pass is captured at the
-            first greedy round, the verify pass once per verify width it meets, and all are kept for later calls
-            of the same batch size and capacities (buffers sized in steps of :data:`STATIC_CAPACITY_STEP` slots).
+        cuda_graphs: ``static_shapes`` with the draft pass, the verify pass and the draft context's append captured
+            as CUDA graphs (:mod:`.graphs`) and replayed every round: one launch per pass instead of one per kernel.
+            The draft pass is captured at the first greedy round, the verify pass and the append once per verify
+            width they meet, and all are kept for later calls of the same batch size and capacities (buffers sized
+            in steps of :data:`STATIC_CAPACITY_STEP` slots).
             Greedy decoding only (T = 0; sampling runs the same fixed shapes without graphs); the target on CUDA.
     """
 
@@ -424,7 +425,13 @@ class SpeculativeEngine:
             rows = torch.arange(len(accepted), device=dev)
             after = torch.cat([drafts[:, :kmax], next_token[:, None]], dim=1).clone()  # token following each slot
             after[rows, accepted] = next_token
-            self._extend(dcache, hidden, after, counts)
+            if graphs is not None and self.drafter is not None:
+                key = f"extend/{kmax + 1}"
+                if key not in graphs:
+                    graphs[key] = self._extend_graph(dcache, hidden, counts)
+                graphs[key](hidden, counts)
+            else:
+                self._extend(dcache, hidden, after, counts)
             anchor = next_token
             self._sync()
             t3 = time.perf_counter()
@@ -516,6 +523,19 @@ class SpeculativeEngine:
             return (tokens, probs) if conf is None else (tokens, probs, conf)
 
         return GraphedCall(draft, anchor)
+
+    def _extend_graph(self, dcache: Any, hidden: Tensor, counts: Tensor) -> GraphedCall:
+        """Appending a round's target features to the draft context (a DSpark or DFlash drafter: its layers' context
+        keys and values, written in place) as a CUDA graph for this width. The capture's warm-up runs append
+        twice; the context lengths they advanced are put back, so the caller's replay is the round's one append."""
+        def extend(hidden: Tensor, counts: Tensor) -> tuple[Tensor]:
+            self.drafter.extend_context(dcache, hidden, counts)
+            return (dcache.lengths,)
+
+        lengths = dcache.lengths.clone()
+        graph = GraphedCall(extend, hidden, counts)
+        dcache.lengths.copy_(lengths)
+        return graph
 
     def _verify_graph(self, cache: SlotKVCache, ids: Tensor, mask: Tensor, positions: Tensor) -> GraphedCall:
         """The verify pass of one width as a CUDA graph, captured on this round's inputs. Its warm-up and capture

@@ -292,10 +292,13 @@ class _NoHostReadback(TorchFunctionMode):
 
 
 class _UncapturedCall:
-    """``GraphedCall``'s interface on the CPU: runs ``fn`` under :class:`_NoHostReadback` on every call."""
+    """``GraphedCall``'s interface on the CPU: runs ``fn`` under :class:`_NoHostReadback` on every call, and
+    ``warmup`` times when built, as the capture's warm-up does (side effects included)."""
 
     def __init__(self, fn, *example_inputs, warmup=2):
         self.fn = fn
+        for _ in range(warmup):
+            self(*(x.clone() for x in example_inputs))
 
     def __call__(self, *inputs):
         with _NoHostReadback():
@@ -320,8 +323,13 @@ def test_the_passes_cuda_graphs_capture_never_read_back_to_the_host(target64, re
     drafter = None if name is None else make_drafter(name, tiny_target_config())
     engine = SpeculativeEngine(target64, drafter, static_shapes=True)
     engine.cuda_graphs = True  # the constructor wants CUDA for this; the passes are what is checked
-    assert engine.generate(PROMPTS, max_new_tokens=NEW).tokens == references
-    assert set(engine._static.graphs) == ({"verify/1"} if drafter is None else {"verify/5", "draft"})
+    out = engine.generate(PROMPTS, max_new_tokens=NEW)
+    assert out.tokens == references
+    assert set(engine._static.graphs) == ({"verify/1"} if drafter is None else {"verify/5", "draft", "extend/5"})
+    if drafter is not None:  # the draft context holds what the target committed: prompt (less the anchor) + rounds
+        r = out.rounds
+        want = [len(p) - 1 + int((r.accepted[r.request == i] + 1).sum()) for i, p in enumerate(PROMPTS)]
+        assert engine._static.dcache.lengths.tolist() == want
 
 
 def test_graphed_verify_follows_the_policy_one_graph_per_width(target64, references, make_drafter,
@@ -360,7 +368,7 @@ def test_cuda_graphs_decode_what_the_eager_engine_decodes(name, make_drafter, ti
     for call, prompts in enumerate((PROMPTS, PROMPTS, PROMPTS[:1])):
         want, got = eager.generate(prompts, max_new_tokens=NEW), graphed.generate(prompts, max_new_tokens=NEW)
         assert got.tokens == want.tokens and records(got) == records(want), (name, call)
-        assert set(graphed._static.graphs) == ({"verify/1"} if drafter is None else {"verify/5", "draft"})
+        assert set(graphed._static.graphs) == ({"verify/1"} if drafter is None else {"verify/5", "draft", "extend/5"})
         captured.append(graphed._static.graphs)
     assert captured[1] is captured[0] and captured[2] is not captured[0]
     sampled = graphed.generate(PROMPTS[:1], max_new_tokens=NEW, temperature=1.0, seed=3)  # T > 0: no graphs
@@ -379,7 +387,8 @@ def test_cuda_graphs_verify_one_width_per_graph_as_the_policy_asks(make_drafter,
     got = graphed.generate(PROMPTS, max_new_tokens=NEW)
     assert got.tokens == want.tokens and records(got) == records(want)
     widths = {1 + int(n) for n in got.rounds.proposal_length.view(-1, len(PROMPTS)).max(1).values}
-    assert {f"verify/{w}" for w in widths} | {"draft"} == set(graphed._static.graphs) and len(widths) > 1
+    assert {f"{p}/{w}" for w in widths for p in ("verify", "extend")} | {"draft"} == set(graphed._static.graphs)
+    assert len(widths) > 1
 
 
 @pytest.mark.parametrize("policy", [ConfidenceThreshold(0.45), PrefixScheduler(SpsTable([4, 8, 16], [1.0, 1.0, 0.8]))])
