@@ -546,7 +546,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_two_processes_build_one_cache_and_read_disjoint_halves(tmp_path):
+def test_two_processes_build_one_cache_and_read_disjoint_halves(tmp_path, capsys):
     """torchrun-style build with 2 ranks (gloo): per-rank shards, one merged manifest, the same bytes as a
     single-process build; then the DataModule on 2 ranks: disjoint samples that together cover the cache."""
     write_token_rows(tmp_path / "rows.jsonl", 40, TINY["vocab_size"])
@@ -564,9 +564,23 @@ def test_two_processes_build_one_cache_and_read_disjoint_halves(tmp_path):
     k0, k1 = set(got[0]["keys"]), set(got[1]["keys"])
     assert not k0 & k1 and len(k0 | k1) == 40
     # Rank slices are contiguous: the single-process build cuts the same samples into the same bytes.
+    capsys.readouterr()
     single = build_cache([str(tmp_path / "rows.jsonl")], str(tmp_path / "single"), TargetConfig(tiny=TINY, seed=0),
                          LAYERS, max_shard_samples=5, min_loss_tokens=1, progress=False, accelerator="cpu")
     assert sorted(s["sha256"] for s in single["shards"]) == sorted(s["sha256"] for s in m["shards"])
+    assert f"  rank 0: {single['num_tokens']:,} tokens in " in capsys.readouterr().out  # its rate, start-up apart
+
+
+def test_build_rates_per_rank_and_for_the_whole_build(capsys):
+    from dspark_lightning.data.cache.build import _print_rates
+
+    _print_rates([{"rank": 1, "timing": {"tokens": 3000, "build_s": 2.0, "start_up_s": 9.5}},
+                  {"rank": 0, "timing": {"tokens": 5000, "build_s": 4.0, "start_up_s": 10.0}}])
+    assert capsys.readouterr().out.splitlines() == [
+        "  rank 0: 5,000 tokens in 4.0 s after 10.0 s of start-up: 1,250 tokens/s",
+        "  rank 1: 3,000 tokens in 2.0 s after 9.5 s of start-up: 1,500 tokens/s",
+        "  all 2 ranks: 2,000 tokens/s (1,000 per rank, the slowest rank's build time)",
+    ]
 
 
 # ---------------------------------------------------------------------- fit from a cache

@@ -279,6 +279,7 @@ def _fingerprint(spec: _BuildSpec, sources: list[dict[str, Any]], world_size: in
 
 
 def _build_rank(spec: _BuildSpec, rank: int, world_size: int, device: torch.device) -> dict[str, Any] | None:
+    began = time.perf_counter()
     out = Path(spec.output)
     out.mkdir(parents=True, exist_ok=True)
     if spec.overwrite:
@@ -342,9 +343,11 @@ def _build_rank(spec: _BuildSpec, rank: int, world_size: int, device: torch.devi
 
     bar = tqdm(total=end - first, desc=f"cache build rank {rank}", position=rank, disable=not spec.progress,
                unit="sample", leave=rank == 0)
+    ready, built_tokens = None, 0  # when the target was ready; tokens encoded in this run
     for shard in _plan_shards(pending(), spec.max_shard_samples, spec.max_shard_bytes, per_token):
         if target is None:
             target = FrozenTarget.from_config(spec.target, spec.target_layer_ids, device=device)
+            ready = time.perf_counter()
         index = len(state["shards"])
         name = shard_name(rank, index)
         written = write_shard(out / name, _encode_shard(target, shard, spec.batch_size, spec.dtype))
@@ -358,12 +361,15 @@ def _build_rank(spec: _BuildSpec, rank: int, world_size: int, device: torch.devi
         # The planner reads one sample past the shard; drops after `last` are counted again on resume.
         state["next_index"], state["dropped"] = last + 1, dropped_before + sum(1 for i in drops if i <= last)
         write_json_atomic(progress_path, state)
+        built_tokens += state["shards"][-1]["tokens"]
         bar.update(last + 1 - bar.n - first)
     bar.close()
+    done = time.perf_counter()
+    timing = {"start_up_s": (ready or done) - began, "build_s": done - (ready or done), "tokens": built_tokens}
     state.update(next_index=end, dropped=dropped_before + len(drops), done=True)
     write_json_atomic(progress_path, state)
     write_json_atomic(partial_path, {"fingerprint": fingerprint, "rank": rank, "shards": state["shards"],
-                                     "dropped": state["dropped"], "rows": end - start})
+                                     "dropped": state["dropped"], "rows": end - start, "timing": timing})
     if rank != 0:
         return None
     partials = _wait_for_partials(out, world_size, fingerprint, spec.merge_timeout_s)
@@ -373,6 +379,7 @@ def _build_rank(spec: _BuildSpec, rank: int, world_size: int, device: torch.devi
         for p in _rank_files(out, r):
             p.unlink(missing_ok=True)
     _print_summary(out, manifest)
+    _print_rates(partials)
     return manifest
 
 
@@ -441,6 +448,22 @@ def _print_summary(out: Path, m: dict[str, Any]) -> None:
     print(f"Cache {out}: {m['num_samples']} samples ({m['num_dropped']} dropped with < {m['min_loss_tokens']} loss "
           f"tokens), {m['num_tokens']} tokens, {len(m['shards'])} shards, {m['num_bytes'] / 1e6:.1f} MB "
           f"({per_token:,.0f} B/token on disk, {m['dtype']}).")
+
+
+def _print_rates(partials: list[dict[str, Any]]) -> None:
+    """Tokens per second of each rank once its target was loaded (start-up apart), and of the whole build."""
+    timings = sorted((p["rank"], p["timing"]) for p in partials if "timing" in p)
+    if not timings:
+        return
+    for rank, t in timings:
+        rate = t["tokens"] / t["build_s"] if t["build_s"] > 0 else 0.0
+        print(f"  rank {rank}: {t['tokens']:,} tokens in {t['build_s']:.1f} s after {t['start_up_s']:.1f} s of "
+              f"start-up: {rate:,.0f} tokens/s")
+    slowest = max(t["build_s"] for _, t in timings)
+    total = sum(t["tokens"] for _, t in timings)
+    if len(timings) > 1 and slowest > 0:
+        print(f"  all {len(timings)} ranks: {total / slowest:,.0f} tokens/s ({total / slowest / len(timings):,.0f} "
+              "per rank, the slowest rank's build time)")
 
 
 # ---------------------------------------------------------------------- launching
