@@ -160,7 +160,7 @@ class _StaticState:
     cache: SlotKVCache
     dcache: Any
     offsets: Tensor  # [k + 1]: 0 .. k
-    graphs: dict[str, GraphedCall] = field(default_factory=dict)  # "draft", "verify/<width>"
+    graphs: dict[str, GraphedCall] = field(default_factory=dict)  # "draft", "verify/<width>", "extend/<width>"
     round_slots: dict[int, Tensor] = field(default_factory=dict)  # per verify width: a captured graph reads its address
 
     def slots_from(self, first: int, width: int) -> Tensor:
