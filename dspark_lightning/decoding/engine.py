@@ -27,8 +27,9 @@ a custom mask would bypass their windows.
 
 ``static_shapes`` keeps the buffers fixed for a whole call instead (a preallocated slot cache, finished requests
 frozen in the batch, a round's verify width one of ``gamma + 1`` values), and ``cuda_graphs`` replays the greedy
-draft pass, and each width's verify pass and draft-context append, from CUDA graphs captured on those buffers
-(``graphs.py``), so a policy that verifies fewer drafts still saves the target's work. Both decode the same tokens.
+draft pass, and for each width the rest of the round (verify, accept, commit, append to the draft context), from
+CUDA graphs captured on those buffers (``graphs.py``), so a policy that verifies fewer drafts still saves the
+target's work. Both decode the same tokens.
 """
 
 from __future__ import annotations
@@ -136,13 +137,21 @@ def _attention_mask(old_valid: Tensor, new_valid: Tensor) -> Tensor:
     return torch.cat([old_valid[:, None, :].expand(b, q, s), new], dim=-1)[:, None]
 
 
-def _static_attention_mask(slot_valid: Tensor, new_valid: Tensor, start: int) -> Tensor:
+def _slot_attention_mask(slot_valid: Tensor, new_valid: Tensor, slots: Tensor) -> Tensor:
     """:func:`_attention_mask` over a fixed slot buffer: ``slot_valid [B, C]`` (the committed slots), the new
-    tokens written at slots ``start .. start + Q - 1``; returns ``[B, 1, Q, C]``."""
+    tokens written at ``slots [Q]`` (a device tensor, so a captured graph reads the round's slots); returns
+    ``[B, 1, Q, C]``."""
     b, q = new_valid.shape
     mask = slot_valid[:, None, :].expand(b, q, slot_valid.shape[1]).clone()
-    mask[:, :, start:start + q] = _attention_mask(slot_valid[:, :0], new_valid)[:, 0]
+    mask.index_copy_(2, slots, _attention_mask(slot_valid[:, :0], new_valid)[:, 0])
     return mask[:, None]
+
+
+def _tokens_after(drafts: Tensor, accepted: Tensor, next_token: Tensor) -> Tensor:
+    """``[B, Q + 1]``: the token following each verified slot: the draft after it, and at the first rejected
+    slot (or after the last draft) the target's next token."""
+    after = torch.cat([drafts, next_token[:, None]], dim=1)
+    return after.scatter(1, accepted[:, None], next_token[:, None])
 
 
 STATIC_CAPACITY_STEP = 256  # fixed-shape buffers are sized in multiples of this, so that similar calls share them
@@ -160,7 +169,10 @@ class _StaticState:
     cache: SlotKVCache
     dcache: Any
     offsets: Tensor  # [k + 1]: 0 .. k
-    graphs: dict[str, GraphedCall] = field(default_factory=dict)  # "draft", "verify/<width>", "extend/<width>"
+    slot_valid: Tensor  # [B, slots] bool: the committed slots of the target cache
+    committed: Tensor  # [B] tokens the target has seen per row (the anchor's position)
+    alive: Tensor  # [B] bool: rows still generating
+    graphs: dict[str, GraphedCall] = field(default_factory=dict)  # "draft", "round/<width>"
     round_slots: dict[int, Tensor] = field(default_factory=dict)  # per verify width: a captured graph reads its address
 
     def slots_from(self, first: int, width: int) -> Tensor:
@@ -192,11 +204,11 @@ class SpeculativeEngine:
             batch plus the anchor (one of ``gamma + 1`` widths; rows verifying fewer are masked), finished requests
             stay in the batch as masked rows, and the draft context spans its whole capacity. Same tokens as the
             default mode; no allocation and no host read-back inside a pass. DSpark, DFlash or the target alone.
-        cuda_graphs: ``static_shapes`` with the draft pass, the verify pass and the draft context's append captured
-            as CUDA graphs (:mod:`.graphs`) and replayed every round: one launch per pass instead of one per kernel.
-            The draft pass is captured at the first greedy round, the verify pass and the append once per verify
-            width they meet, and all are kept for later calls of the same batch size and capacities (buffers sized
-            in steps of :data:`STATIC_CAPACITY_STEP` slots).
+        cuda_graphs: ``static_shapes`` with a round captured as two CUDA graphs (:mod:`.graphs`) and replayed: the
+            draft pass, then the verify pass, acceptance, the commit and the draft context's append (one graph per
+            verify width met). Between them the host runs the policy and reads the width. Graphs are captured at
+            the first greedy round that needs them and kept for later calls of the same batch size and capacities
+            (buffers sized in steps of :data:`STATIC_CAPACITY_STEP` slots).
             Greedy decoding only (T = 0; sampling runs the same fixed shapes without graphs); the target on CUDA.
     """
 
@@ -337,15 +349,19 @@ class SpeculativeEngine:
         anchor = ids[all_rows, committed]
         cache = None
         dcache = None
-        if static:
+        if static:  # the call's state lives in the kept buffers, reset in place (captured graphs read them)
             state = self._static_state(n, pre, width, max_new_tokens, dev)
             cache, dcache = state.cache, state.dcache
-            slot_valid = torch.cat([slot_valid, slot_valid.new_zeros(n, cache.capacity - pre)], dim=1)
+            state.slot_valid.zero_()
+            state.slot_valid[:, :pre] = slot_valid
+            state.committed.copy_(committed)
+            state.alive.fill_(True)
+            slot_valid, committed, alive = state.slot_valid, state.committed, state.alive
             cache.write_at(torch.arange(pre, device=dev), 0)
         elif self.drafter is not None:
             dcache = self.drafter.new_cache(n, device=dev, capacity=max(64, width + 4 * (k + 1)))
         if pre > 0:
-            mask = (_static_attention_mask(slot_valid, slot_valid[:, :pre], 0) if static
+            mask = (_slot_attention_mask(slot_valid, slot_valid[:, :pre], torch.arange(pre, device=dev)) if static
                     else _attention_mask(slot_valid[:, :0], slot_valid))
             positions = torch.arange(pre, device=dev).expand(n, pre)
             out = self.target(ids[:, :pre], mask, past_key_values=cache, position_ids=positions, use_cache=True)
@@ -359,8 +375,8 @@ class SpeculativeEngine:
         outputs: list[list[int]] = [[] for _ in range(n)]
         stopped = [False] * n
         active = list(range(n))  # unfinished requests; their rows: the same (static) or 0 .. len(active) - 1
-        if static:  # the unfinished rows as an index (what the policy and the records read) and as a mask
-            live, alive = all_rows, torch.ones(n, dtype=torch.bool, device=dev)
+        if static:  # the unfinished rows as an index (what the policy and the records read; the mask is `alive`)
+            live = all_rows
         records: list[tuple[Tensor, ...]] = []
         draft_times: list[float] = []
         verify_times: list[float] = []
@@ -393,48 +409,40 @@ class SpeculativeEngine:
             self._sync()
             t1 = time.perf_counter()
 
-            verify_ids = torch.cat([anchor[:, None], drafts[:, :kmax]], dim=1)  # [B, kmax+1]
-            j = torch.arange(kmax + 1, device=dev)
-            new_valid = j[None, :] <= verify_len[:, None]
-            if static:
-                cache.write_at(state.slots_from(start, kmax + 1), start)
-                mask = _static_attention_mask(slot_valid, new_valid, start)
+            if static:  # verify, accept, commit and append on the kept buffers: one graph per width
+                slots = state.slots_from(start, kmax + 1)
+                cache.write_at(slots, start)
+                if graphs is not None:
+                    key = f"round/{kmax + 1}"
+                    if key not in graphs:
+                        graphs[key] = self._round_graph(state, anchor, drafts, verify_len, slots)
+                    accepted, next_token, after = graphs[key](anchor, drafts, verify_len)
+                else:
+                    accepted, next_token, after = self._static_round(state, anchor, drafts, probs, verify_len, slots,
+                                                                     temperature, generator)
+                start += kmax + 1
+                self._sync()
+                t2 = t3 = time.perf_counter()
             else:
-                mask = _attention_mask(slot_valid, new_valid)
-            if graphs is not None:
-                key = f"verify/{kmax + 1}"
-                if key not in graphs:
-                    graphs[key] = self._verify_graph(cache, verify_ids, mask, committed[:, None] + j)
-                hidden, logits = graphs[key](verify_ids, mask, committed[:, None] + j)
-            else:
+                verify_ids = torch.cat([anchor[:, None], drafts[:, :kmax]], dim=1)  # [B, kmax+1]
+                j = torch.arange(kmax + 1, device=dev)
+                mask = _attention_mask(slot_valid, j[None, :] <= verify_len[:, None])
                 out = self.target(verify_ids, mask, past_key_values=cache, position_ids=committed[:, None] + j,
                                   use_cache=True, compute_logits=True)
-                cache, hidden, logits = out.past_key_values, out.hidden, out.logits
-            accepted, next_token = verify_chain(drafts[:, :kmax], None if probs is None else probs[:, :kmax],
-                                                logits, verify_len, temperature, generator)
-            self._sync()
-            t2 = time.perf_counter()
+                cache = out.past_key_values
+                accepted, next_token = verify_chain(drafts[:, :kmax], None if probs is None else probs[:, :kmax],
+                                                    out.logits, verify_len, temperature, generator)
+                self._sync()
+                t2 = time.perf_counter()
 
-            if static:  # a finished row commits nothing: its slots stay invalid, its context and position frozen
-                slot_valid[:, start:start + kmax + 1] = (j[None, :] <= accepted[:, None]) & alive[:, None]
-                start += kmax + 1
-            else:
                 slot_valid = torch.cat([slot_valid, j[None, :] <= accepted[:, None]], dim=1)
-            counts = (accepted + 1) * alive if static else accepted + 1
-            committed = committed + counts
-            rows = torch.arange(len(accepted), device=dev)
-            after = torch.cat([drafts[:, :kmax], next_token[:, None]], dim=1).clone()  # token following each slot
-            after[rows, accepted] = next_token
-            if graphs is not None and self.drafter is not None:
-                key = f"extend/{kmax + 1}"
-                if key not in graphs:
-                    graphs[key] = self._extend_graph(dcache, hidden, counts)
-                graphs[key](hidden, counts)
-            else:
-                self._extend(dcache, hidden, after, counts)
+                counts = accepted + 1
+                committed = committed + counts
+                after = _tokens_after(drafts[:, :kmax], accepted, next_token)
+                self._extend(dcache, out.hidden, after, counts)
+                self._sync()
+                t3 = time.perf_counter()
             anchor = next_token
-            self._sync()
-            t3 = time.perf_counter()
             draft_times.append((t1 - t0) + (t3 - t2))
             verify_times.append(t2 - t1)
 
@@ -468,7 +476,7 @@ class SpeculativeEngine:
                 active = [active[i] for i in keep]
                 if static:  # finished rows stay in the batch, frozen and masked
                     live = torch.tensor(active, dtype=torch.long, device=dev)
-                    alive = torch.zeros_like(alive).index_fill_(0, live, True)
+                    alive.zero_().index_fill_(0, live, True)
                 if not active or static:
                     continue
                 idx = torch.tensor(keep, dtype=torch.long, device=dev)
@@ -502,7 +510,11 @@ class SpeculativeEngine:
             if self.drafter is not None:
                 dcache = self.drafter.new_cache(n, device=dev, capacity=context)
                 dcache.static = True
-            state = self._static = _StaticState(key, SlotKVCache(slots), dcache, torch.arange(k + 1, device=dev))
+            state = self._static = _StaticState(
+                key, SlotKVCache(slots), dcache, torch.arange(k + 1, device=dev),
+                slot_valid=torch.zeros(n, slots, dtype=torch.bool, device=dev),
+                committed=torch.zeros(n, dtype=torch.long, device=dev),
+                alive=torch.ones(n, dtype=torch.bool, device=dev))
         elif state.dcache is not None:
             state.dcache.lengths.zero_()  # in place: a captured draft graph reads this tensor
         return state
@@ -524,28 +536,43 @@ class SpeculativeEngine:
 
         return GraphedCall(draft, anchor)
 
-    def _extend_graph(self, dcache: Any, hidden: Tensor, counts: Tensor) -> GraphedCall:
-        """Appending a round's target features to the draft context (a DSpark or DFlash drafter: its layers' context
-        keys and values, written in place) as a CUDA graph for this width. The capture's warm-up runs append
-        twice; the context lengths they advanced are put back, so the caller's replay is the round's one append."""
-        def extend(hidden: Tensor, counts: Tensor) -> tuple[Tensor]:
-            self.drafter.extend_context(dcache, hidden, counts)
-            return (dcache.lengths,)
+    def _static_round(self, state: _StaticState, anchor: Tensor, drafts: Tensor, probs: Tensor | None,
+                      verify_len: Tensor, slots: Tensor, temperature: float,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """A fixed-shape round after the draft, on the device only: the verify pass of ``slots.numel()`` tokens per
+        row written at ``slots``, acceptance, the commit (slot validity, positions) and the draft context's append,
+        in place on ``state``. A finished row commits nothing: its slots stay invalid, its position and context
+        frozen. Returns ``accepted``, ``next_token`` and the token following each verified slot."""
+        w = slots.numel()
+        j = state.offsets[:w]
+        mask = _slot_attention_mask(state.slot_valid, j[None, :] <= verify_len[:, None], slots)
+        out = self.target(torch.cat([anchor[:, None], drafts[:, :w - 1]], dim=1), mask, past_key_values=state.cache,
+                          position_ids=state.committed[:, None] + j, use_cache=True, compute_logits=True)
+        accepted, next_token = verify_chain(drafts[:, :w - 1], None if probs is None else probs[:, :w - 1],
+                                            out.logits, verify_len, temperature, generator)
+        state.slot_valid.index_copy_(1, slots, (j[None, :] <= accepted[:, None]) & state.alive[:, None])
+        counts = (accepted + 1) * state.alive
+        state.committed.add_(counts)
+        after = _tokens_after(drafts[:, :w - 1], accepted, next_token)
+        self._extend(state.dcache, out.hidden, after, counts)
+        return accepted, next_token, after
 
-        lengths = dcache.lengths.clone()
-        graph = GraphedCall(extend, hidden, counts)
-        dcache.lengths.copy_(lengths)
-        return graph
+    def _round_graph(self, state: _StaticState, anchor: Tensor, drafts: Tensor, verify_len: Tensor,
+                     slots: Tensor) -> GraphedCall:
+        """:meth:`_static_round` (greedy) for one width as a CUDA graph, captured on this round's inputs. Its
+        warm-up writes this round's slots (target cache, slot validity, draft context), which the replay
+        overwrites; the positions and context lengths it advances are put back after each warm-up run."""
+        def round_(anchor: Tensor, drafts: Tensor, verify_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return self._static_round(state, anchor, drafts, None, verify_len, slots, 0.0, None)
 
-    def _verify_graph(self, cache: SlotKVCache, ids: Tensor, mask: Tensor, positions: Tensor) -> GraphedCall:
-        """The verify pass of one width as a CUDA graph, captured on this round's inputs. Its warm-up and capture
-        write this round's slots of the target cache, which the round's replay then overwrites."""
-        def verify(ids: Tensor, mask: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-            out = self.target(ids, mask, past_key_values=cache, position_ids=positions, use_cache=True,
-                              compute_logits=True)
-            return out.hidden, out.logits
+        counters = [state.committed] + ([state.dcache.lengths] if state.dcache is not None else [])
+        saved = [c.clone() for c in counters]
 
-        return GraphedCall(verify, ids, mask, positions)
+        def reset() -> None:
+            for counter, value in zip(counters, saved):
+                counter.copy_(value)
+
+        return GraphedCall(round_, anchor, drafts, verify_len, reset=reset)
 
     def _maybe_compact(self, cache: Any, slot_valid: Tensor) -> Tensor:
         """Gather each row's valid slots to the front when at most half of the slots are valid."""

@@ -23,10 +23,13 @@ class GraphedCall:
     happen outside the graph), then records one call on inputs cloned into static buffers. A call copies its
     arguments into those buffers, replays, and returns the recorded outputs (the same tensors every call: read or
     copy them before the next replay). ``fn`` must not synchronise with the host, and whatever it writes besides
-    its outputs (a KV cache) must keep its address between calls.
+    its outputs (a KV cache) must keep its address between calls. The warm-up runs really execute ``fn``: ``reset``,
+    if given, runs after each of them to undo what must not happen twice (a position advanced in place); the
+    capture itself only records.
     """
 
-    def __init__(self, fn: Callable[..., tuple[Tensor, ...]], *example_inputs: Tensor, warmup: int = 2) -> None:
+    def __init__(self, fn: Callable[..., tuple[Tensor, ...]], *example_inputs: Tensor, warmup: int = 2,
+                 reset: Callable[[], None] | None = None) -> None:
         if not example_inputs or example_inputs[0].device.type != "cuda":
             raise ValueError("GraphedCall captures CUDA work: give it example inputs on a CUDA device.")
         self.inputs = tuple(x.clone() for x in example_inputs)
@@ -35,6 +38,8 @@ class GraphedCall:
         with torch.cuda.stream(side):
             for _ in range(warmup):
                 fn(*self.inputs)
+                if reset is not None:
+                    reset()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
