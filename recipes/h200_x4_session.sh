@@ -5,7 +5,7 @@
 # the repository live only while the machine stays warm):
 #
 #   call 1  carry .device/wheels .device/p1   bash recipes/h200_x4_session.sh one
-#           the GPU tests not run yet (a verify graph per width, the graphed SPS profile) and the scheduler
+#           the GPU tests not run yet (a round graph per verify width, the graphed SPS profile) and the scheduler
 #           decision through the policy's own path with the 16-warp default, in rotated turns
 #   call 2  carry .device/wheels .device/p2   bash recipes/h200_x4_session.sh two
 #           GGUF -> HF; the SmolLM2 DSpark trained online on 1 GPU (STEPS, default 300 x batch 16, about 3.5 min
