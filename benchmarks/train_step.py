@@ -86,7 +86,7 @@ def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, com
         backbone.attn_implementation = attn
     if compile_ == "layers":
         for layer in backbone.layers:
-            layer.compile()
+            layer.compile(mode=args.compile_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=6e-4, fused=device.type == "cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -111,7 +111,7 @@ def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, com
         opt.zero_grad(set_to_none=True)
         return loss
 
-    compiled = torch.compile(step, dynamic=True) if compile_ == "step" else step
+    compiled = torch.compile(step, dynamic=True, mode=args.compile_mode) if compile_ == "step" else step
 
     def fn() -> torch.Tensor:  # anchors are drawn per step outside the compiled region, as the data loader does
         anchors = sample_anchors(loss_mask, cfg.num_anchors) if algorithm != "eagle3" else (None, None)
@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=["dspark", "dflash", "eagle3"])
     parser.add_argument("--compile", nargs="+", choices=["no", "layers", "step"], default=["no"],
                         help="eager, each decoder layer compiled, or the whole step compiled (dynamic=True)")
+    parser.add_argument("--compile-mode", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile's mode for --compile layers|step (default: torch's own)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile STEPS steps of every configuration and print its top ops")
     parser.add_argument("--fused", action="store_true",
@@ -186,7 +189,8 @@ def main() -> None:
     if args.small:
         args.seq, args.anchors, args.layers = min(args.seq, 512), min(args.anchors, 64), [1, 3, 5]
     print(f"device={args.device} hidden={target.hidden_size} vocab={target.vocab_size} seq={args.seq} "
-          f"anchors={args.anchors} block={args.block} draft_layers={args.draft_layers}")
+          f"anchors={args.anchors} block={args.block} draft_layers={args.draft_layers} "
+          f"compile_mode={args.compile_mode or 'torch default'}")
     print(f"{'drafter':8} {'compile':7} {'fused':5} {'attn':5} {'ms/step':>9} {'peak GiB':>9} {'TFLOP':>7} "
           f"{'TFLOP/s':>8} {'MFU':>6} {'ref ms':>8} {'speed-up':>8}")
     for algorithm in args.algorithms:

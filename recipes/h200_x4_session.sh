@@ -5,8 +5,9 @@
 # the repository live only while the machine stays warm):
 #
 #   call 1  carry .device/wheels .device/p1   bash recipes/h200_x4_session.sh one
-#           the GPU tests not run yet (a round graph per verify width, the graphed SPS profile) and the scheduler
-#           decision through the policy's own path with the 16-warp default, in rotated turns
+#           the GPU tests not run yet (a round graph per verify width, the graphed SPS profile), the scheduler
+#           decision through the policy's own path with the 16-warp default, in rotated turns, and the DFlash step
+#           (53.0 ms against the 46 ms goal) with its layers compiled by max-autotune
 #   call 2  carry .device/wheels .device/p2   bash recipes/h200_x4_session.sh two
 #           GGUF -> HF; the SmolLM2 DSpark trained online on 1 GPU (STEPS, default 300 x batch 16, about 3.5 min
 #           with start-up); then the decode benchmark with it
@@ -29,6 +30,8 @@ gpu_tests() {
     | tee "$RUN/gpu_tests.out"
   python benchmarks/scheduler.py --num-warps 8 16 2>&1 | tail -8 | tee "$RUN/scheduler.out"  # goal <= 100 us
   touch "$RUN/gpu_tests.done"
+  python benchmarks/train_step.py --algorithms dflash --fused-only --attn flex --compile layers \
+    --compile-mode max-autotune-no-cudagraphs --profile 3 2>&1 | tee "$RUN/train_step_autotune.out"
 }
 
 train() {  # the 1-GPU online SmolLM2 DSpark of multigpu.md (validation tau 1.34 at 300 steps there)
