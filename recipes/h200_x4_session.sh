@@ -12,9 +12,10 @@
 #           GGUF -> HF; the SmolLM2 DSpark trained online on 1 GPU (STEPS, default 300 x batch 16, about 3.5 min
 #           with start-up); then the decode benchmark with it
 #   call 3  carry .device/wheels              bash recipes/h200_x4_session.sh three
-#           what call 2's deadline left of the decode benchmark: batch 1 and 32, T = 0, eager vs CUDA graphs,
-#           fixed-length verification vs the prefix scheduler (each mode with an SPS table measured as it
-#           verifies: the graphed table for the graphed engine), alone on the machine
+#           what call 2's deadline left of the decode benchmark (batch 1 and 32, T = 0, eager vs CUDA graphs,
+#           fixed-length verification vs the prefix scheduler, each mode with an SPS table measured as it
+#           verifies), alone on the machine; then CUDA graphs of the passes compiled by torch.compile beside
+#           the plain graphs (SpeculativeEngine(compile_passes=True))
 #
 # Every call stops its work at BUDGET seconds and copies $RUN (without checkpoints) to $OUT.
 set -uo pipefail
@@ -39,13 +40,14 @@ train() {  # the 1-GPU online SmolLM2 DSpark of multigpu.md (validation tau 1.34
     | tee -a "$RUN/mg.out"
 }
 
-decode() {  # batch 32's scheduler vs fixed, eager and graphed, with the trained drafter
-  [[ -f $RUN/decode.done ]] && return
+decode() {  # decode <name> <modes...>: scheduler vs fixed at batch 32 and 1, with the trained drafter
+  local name=$1; shift
+  [[ -f $RUN/$name.done ]] && return
   local ckpt=$RUN/smollm2_auto_1gpu/checkpoints/last.ckpt
   [[ -f $ckpt ]] || { echo "!! no trained drafter at $ckpt"; return; }
   python benchmarks/decode.py --ckpt "$ckpt" --target-path "$SMOL" --batch-sizes 32 1 --temperatures 0 \
-    --max-new-tokens 128 --modes eager graphs --policies fixed scheduler 2>&1 | tee "$RUN/decode.out" \
-    && touch "$RUN/decode.done"
+    --max-new-tokens 128 --modes "$@" --policies fixed scheduler 2>&1 | tee "$RUN/$name.out" \
+    && touch "$RUN/$name.done"
 }
 
 collect() {
@@ -66,11 +68,13 @@ case "${1:-}" in
     bash recipes/h200_prepare.sh part2 && bash recipes/h200_prepare.sh convert || exit 1
     mkdir -p "$(dirname "$DATA")" && gunzip -c docs/results/smollm2/regen_train.jsonl.gz > "$DATA"
     export -f train decode
-    deadline "$(left)" bash -c 'train; CUDA_VISIBLE_DEVICES=0 decode'
+    deadline "$(left)" bash -c 'train; CUDA_VISIBLE_DEVICES=0 decode decode eager graphs'
     ;;
   three)
     export -f decode
-    deadline "$(left)" bash -c 'CUDA_VISIBLE_DEVICES=0 decode'
+    deadline "$(left)" bash -c '
+      CUDA_VISIBLE_DEVICES=0 decode decode eager graphs
+      CUDA_VISIBLE_DEVICES=0 decode decode_compiled graphs graphs-compiled'
     ;;
   *) echo "usage: $0 one|two|three" >&2; exit 2 ;;
 esac

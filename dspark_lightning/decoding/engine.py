@@ -210,12 +210,15 @@ class SpeculativeEngine:
             the first greedy round that needs them and kept for later calls of the same batch size and capacities
             (buffers sized in steps of :data:`STATIC_CAPACITY_STEP` slots).
             Greedy decoding only (T = 0; sampling runs the same fixed shapes without graphs); the target on CUDA.
+        compile_passes: ``static_shapes`` with the greedy draft pass and the rest of the round (verify, accept,
+            commit, append) compiled by ``torch.compile``; with ``cuda_graphs`` the graphs capture the compiled
+            passes. The first round of each shape pays the compile.
     """
 
     def __init__(self, target: FrozenTarget, drafter: nn.Module | None = None, *, gamma: int | None = None,
                  policy: Any = None, sts_temperatures: Sequence[float] | None = None,
                  compact_min_slots: int = 256, fused_markov: bool = True, static_shapes: bool = False,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, compile_passes: bool = False) -> None:
         layer_types = getattr(target.text_config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise ValueError(
@@ -224,14 +227,18 @@ class SpeculativeEngine:
             )
         self.target, self.drafter = target, drafter
         self.is_eagle3 = isinstance(drafter, Eagle3)
-        if (static_shapes or cuda_graphs) and self.is_eagle3:
+        if (static_shapes or cuda_graphs or compile_passes) and self.is_eagle3:
             raise ValueError("static_shapes supports DSpark, DFlash or the target alone; Eagle3 drafts through its own "
                              "growing cache. Use static_shapes=False for Eagle3.")
         if cuda_graphs and target.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the target on a CUDA device, not {target.device}; "
                              "use static_shapes=True (or neither) elsewhere.")
-        self.static_shapes = static_shapes or cuda_graphs
+        self.static_shapes = static_shapes or cuda_graphs or compile_passes
         self.cuda_graphs = cuda_graphs
+        # Inductor fuses the passes' many small kernels (rotary, norms, masks, sampling, acceptance); the first greedy
+        # round of a shape compiles them, a second width or batch size recompiles once with dynamic sizes.
+        self._compiled_draft = torch.compile(self._draft) if compile_passes else None
+        self._compiled_round = torch.compile(self._static_round) if compile_passes else None
         self._static: _StaticState | None = None
         if fused_markov and hasattr(drafter, "markov_sampler"):
             drafter.markov_sampler = markov_sampler  # DSpark's vanilla head samples through kernels/ (Triton on CUDA)
@@ -385,13 +392,15 @@ class SpeculativeEngine:
             b = len(active)
             self._sync()
             t0 = time.perf_counter()
+            compiled = self._compiled_draft is not None and temperature <= 0  # the greedy passes compiled
+            draft_fn = self._compiled_draft if compiled else self._draft
             if graphs is not None and self.drafter is not None:
                 if "draft" not in graphs:
-                    graphs["draft"] = self._draft_graph(dcache, anchor)
+                    graphs["draft"] = self._draft_graph(draft_fn, dcache, anchor)
                 drafted = graphs["draft"](anchor)
                 drafts, probs, conf_raw = drafted[0], drafted[1], drafted[2] if len(drafted) == 3 else None
             else:
-                drafts, probs, conf_raw = self._draft(dcache, anchor, temperature, generator)
+                drafts, probs, conf_raw = draft_fn(dcache, anchor, temperature, generator)
             if conf_raw is not None:
                 conf = self._calibrate(conf_raw)
             elif probs is not None:
@@ -412,14 +421,15 @@ class SpeculativeEngine:
             if static:  # verify, accept, commit and append on the kept buffers: one graph per width
                 slots = state.slots_from(start, kmax + 1)
                 cache.write_at(slots, start)
+                round_ = self._compiled_round if compiled else self._static_round
                 if graphs is not None:
                     key = f"round/{kmax + 1}"
                     if key not in graphs:
-                        graphs[key] = self._round_graph(state, anchor, drafts, verify_len, slots)
+                        graphs[key] = self._round_graph(round_, state, anchor, drafts, verify_len, slots)
                     accepted, next_token, after = graphs[key](anchor, drafts, verify_len)
                 else:
-                    accepted, next_token, after = self._static_round(state, anchor, drafts, probs, verify_len, slots,
-                                                                     temperature, generator)
+                    accepted, next_token, after = round_(state, anchor, drafts, probs, verify_len, slots, temperature,
+                                                         generator)
                 start += kmax + 1
                 self._sync()
                 t2 = t3 = time.perf_counter()
@@ -528,10 +538,11 @@ class SpeculativeEngine:
             return 1 + min(self.gamma, self.policy.length if self.policy.length is not None else self.gamma)
         return 1 + int(verify_len.max())
 
-    def _draft_graph(self, dcache: Any, anchor: Tensor) -> GraphedCall:
-        """The greedy draft pass as a CUDA graph over the fixed-shape draft context (it reads, never writes it)."""
+    def _draft_graph(self, draft_fn: Any, dcache: Any, anchor: Tensor) -> GraphedCall:
+        """``draft_fn`` (:meth:`_draft` or its compiled form), greedy, as a CUDA graph over the fixed-shape draft
+        context (it reads, never writes it)."""
         def draft(anchor_ids: Tensor) -> tuple[Tensor, ...]:
-            tokens, probs, conf = self._draft(dcache, anchor_ids, 0.0, None)
+            tokens, probs, conf = draft_fn(dcache, anchor_ids, 0.0, None)
             return (tokens, probs) if conf is None else (tokens, probs, conf)
 
         return GraphedCall(draft, anchor)
@@ -557,13 +568,14 @@ class SpeculativeEngine:
         self._extend(state.dcache, out.hidden, after, counts)
         return accepted, next_token, after
 
-    def _round_graph(self, state: _StaticState, anchor: Tensor, drafts: Tensor, verify_len: Tensor,
+    def _round_graph(self, round_fn: Any, state: _StaticState, anchor: Tensor, drafts: Tensor, verify_len: Tensor,
                      slots: Tensor) -> GraphedCall:
-        """:meth:`_static_round` (greedy) for one width as a CUDA graph, captured on this round's inputs. Its
-        warm-up writes this round's slots (target cache, slot validity, draft context), which the replay
-        overwrites; the positions and context lengths it advances are put back after each warm-up run."""
+        """``round_fn`` (:meth:`_static_round` or its compiled form), greedy, for one width as a CUDA graph, captured
+        on this round's inputs. Its warm-up writes this round's slots (target cache, slot validity, draft context),
+        which the replay overwrites; the positions and context lengths it advances are put back after each warm-up
+        run."""
         def round_(anchor: Tensor, drafts: Tensor, verify_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            return self._static_round(state, anchor, drafts, None, verify_len, slots, 0.0, None)
+            return round_fn(state, anchor, drafts, None, verify_len, slots, 0.0, None)
 
         counters = [state.committed] + ([state.dcache.lengths] if state.dcache is not None else [])
         saved = [c.clone() for c in counters]

@@ -377,6 +377,26 @@ def test_cuda_graphs_decode_what_the_eager_engine_decodes(name, make_drafter, ti
     assert sampled.tokens == eager.generate(PROMPTS[:1], max_new_tokens=NEW, temperature=1.0, seed=3).tokens
 
 
+def test_compiled_passes_decode_what_the_default_engine_decodes(target64, references, make_drafter,
+                                                                tiny_target_config):
+    """``compile_passes``: the draft pass and the rest of the round through torch.compile (widths 1, 2 and 5 under
+    the threshold policy, so the round recompiles with dynamic sizes) give the default engine's tokens and
+    records."""
+    drafter = make_drafter("dspark-vanilla", tiny_target_config())
+    policy = ConfidenceThreshold(0.55)
+    want = SpeculativeEngine(target64, drafter, policy=policy).generate(PROMPTS, max_new_tokens=NEW)
+    from torch._dynamo.utils import counters
+
+    engine = SpeculativeEngine(target64, drafter, policy=policy, compile_passes=True)
+    graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    got = engine.generate(PROMPTS, max_new_tokens=NEW)
+    assert engine.static_shapes and got.tokens == want.tokens == references and records(got) == records(want)
+    # compiled, as whole graphs (no break)
+    assert counters["stats"]["unique_graphs"] > graphs_before and sum(counters["graph_break"].values()) == breaks_before
+    with pytest.raises(ValueError, match="static_shapes supports DSpark, DFlash"):
+        SpeculativeEngine(target64, make_drafter("eagle3", tiny_target_config()), compile_passes=True)
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_verify_one_width_per_graph_as_the_policy_asks(make_drafter, tiny_target_config):
     """On the GPU: a threshold policy's rounds of widths 1, 2 and 5 replay one verify graph per width, and decode
@@ -390,6 +410,17 @@ def test_cuda_graphs_verify_one_width_per_graph_as_the_policy_asks(make_drafter,
     assert got.tokens == want.tokens and records(got) == records(want)
     widths = {1 + int(n) for n in got.rounds.proposal_length.view(-1, len(PROMPTS)).max(1).values}
     assert {f"round/{w}" for w in widths} | {"draft"} == set(graphed._static.graphs) and len(widths) > 1
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_capture_the_compiled_passes(make_drafter, tiny_target_config):
+    target = FrozenTarget.from_config(tiny_target_config(), [0, 2], device="cuda")
+    drafter = make_drafter("dspark-vanilla", tiny_target_config()).cuda()
+    policy = ConfidenceThreshold(0.55)
+    want = SpeculativeEngine(target, drafter, policy=policy).generate(PROMPTS, max_new_tokens=NEW)
+    got = SpeculativeEngine(target, drafter, policy=policy, cuda_graphs=True, compile_passes=True).generate(
+        PROMPTS, max_new_tokens=NEW)
+    assert got.tokens == want.tokens and records(got) == records(want)
 
 
 @pytest.mark.parametrize("policy", [ConfidenceThreshold(0.45), PrefixScheduler(SpsTable([4, 8, 16], [1.0, 1.0, 0.8]))])
