@@ -82,8 +82,7 @@ def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, com
     device = torch.device(args.device)
     model, cfg = build(algorithm, target, args)
     backbone = model.backbone if algorithm == "dspark" else model
-    if algorithm != "eagle3":
-        backbone.attn_implementation = attn
+    backbone.attn_implementation = attn  # Eagle3: flex takes the sparse training-time-test mask
     if compile_ == "layers":
         for layer in backbone.layers:
             layer.compile(mode=args.compile_mode)
@@ -196,7 +195,7 @@ def main() -> None:
     for algorithm in args.algorithms:
         fused_modes = [False, True] if args.fused else [True] if args.fused_only else [False]
         fused_modes = [False] if algorithm == "eagle3" else fused_modes
-        attns = args.attn if algorithm != "eagle3" else ["sdpa"]
+        attns = args.attn
         for compile_, fused, attn in ((c, f, a) for c in args.compile for f in fused_modes for a in attns):
             try:
                 r = bench(algorithm, target, args, compile_, fused, attn, args.profile)

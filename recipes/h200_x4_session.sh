@@ -6,8 +6,9 @@
 #
 #   call 1  carry .device/wheels .device/p1   bash recipes/h200_x4_session.sh one
 #           the GPU tests not run yet (a round graph per verify width, the graphed SPS profile), the scheduler
-#           decision through the policy's own path with the 16-warp default, in rotated turns, and the DFlash step
-#           (53.0 ms against the 46 ms goal) with its layers compiled by max-autotune
+#           decision through the policy's own path with the 16-warp default, in rotated turns, Eagle3's step with
+#           the sparse TTT mask (flex) beside the dense one, and the DFlash step (53.0 ms against the 46 ms goal)
+#           with its layers compiled by max-autotune
 #   call 2  carry .device/wheels .device/p2   bash recipes/h200_x4_session.sh two
 #           GGUF -> HF; the SmolLM2 DSpark trained online on 1 GPU (STEPS, default 300 x batch 16, about 3.5 min
 #           with start-up); then the decode benchmark with it
@@ -27,10 +28,11 @@ mkdir -p "$RUN"
 
 gpu_tests() {
   [[ -f $RUN/gpu_tests.done ]] && return
-  python -m pytest -q -m gpu -p no:cacheprovider tests/decoding -k "cuda_graphs or profile_sps" 2>&1 | tail -15 \
-    | tee "$RUN/gpu_tests.out"
+  python -m pytest -q -m gpu -p no:cacheprovider tests/decoding tests/drafters/test_eagle3.py \
+    -k "cuda_graphs or profile_sps or flex" 2>&1 | tail -15 | tee "$RUN/gpu_tests.out"
   python benchmarks/scheduler.py --num-warps 8 16 2>&1 | tail -8 | tee "$RUN/scheduler.out"  # goal <= 100 us
   touch "$RUN/gpu_tests.done"
+  python benchmarks/train_step.py --algorithms eagle3 --attn sdpa flex 2>&1 | tee "$RUN/train_step_eagle3.out"
   python benchmarks/train_step.py --algorithms dflash --fused-only --attn flex --compile layers \
     --compile-mode max-autotune-no-cudagraphs --profile 3 2>&1 | tee "$RUN/train_step_autotune.out"
 }

@@ -37,6 +37,18 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     return _compiled_flex(q, k, v, **kwargs)
 
 
+def use_flex(choice: str, device: torch.device, head_dim: int) -> bool:
+    """Whether training attention runs flex (a sparse ``BlockMask``) rather than SDPA with a dense mask:
+    ``choice`` is a drafter's ``attn_implementation`` (``auto`` = flex on CUDA, sdpa elsewhere)."""
+    if choice not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"attn_implementation={choice!r} unknown; choose 'auto', 'sdpa' or 'flex'.")
+    if choice == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+        raise ValueError("attn_implementation='flex' has no backward on CPU (a PyTorch limit); train with "
+                         "'sdpa' or 'auto' there, or run under torch.no_grad().")
+    # The compiled flex kernel needs head_dim >= 16 (a PyTorch limit); auto keeps tiny test drafters on sdpa.
+    return choice == "flex" or (choice == "auto" and device.type == "cuda" and head_dim >= 16)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, ``weight * x / rms(x)``; half-precision inputs are normalised in fp32 as HF
     Llama/Qwen3 do (fp64 stays fp64, so golden tests can compare at 1e-10). ``with_scale=False`` has no weight

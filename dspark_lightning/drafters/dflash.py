@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled
+from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled, use_flex
 from .blocks import flex_block_mask, plan_blocks
 from .config import DrafterConfig
 
@@ -210,14 +210,7 @@ class DFlash(nn.Module):
         return BlockDraftOutput(hidden, plan.labels, plan.prev_ids, plan.target_index, plan.supervise)
 
     def _use_flex(self, device: torch.device) -> bool:
-        choice = self.attn_implementation
-        if choice not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attn_implementation={choice!r} unknown; choose 'auto', 'sdpa' or 'flex'.")
-        if choice == "flex" and device.type == "cpu" and torch.is_grad_enabled():
-            raise ValueError("attn_implementation='flex' has no backward on CPU (a PyTorch limit); train with "
-                             "'sdpa' or 'auto' there, or run under torch.no_grad().")
-        # The compiled flex kernel needs head_dim >= 16 (a PyTorch limit); auto keeps tiny test drafters on sdpa.
-        return choice == "flex" or (choice == "auto" and device.type == "cuda" and self.config.attention_head_dim >= 16)
+        return use_flex(self.attn_implementation, device, self.config.attention_head_dim)
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,

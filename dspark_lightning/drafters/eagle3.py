@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled
+from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled, use_flex
 from .config import DrafterConfig
 from .dflash import ContextKVCache, Proposal, sample
 
@@ -113,8 +113,25 @@ class Eagle3DecoderLayer(DecoderLayer):
         return self.residual(hidden, attn.attend(q, keys, values, mask)), (k, v)
 
 
+def ttt_block_mask(length: int, step: int, *, device: torch.device, compile_mask: bool = False):
+    """The training-time-test mask of step ``step`` as a flex-attention ``BlockMask`` over ``(step + 1) * length``
+    keys: segment 0 (step 0's keys) causally, segments 1..step (later steps' keys) at the query's own position
+    only. Sparse: the diagonal segments cost one tile per query tile, where the dense mask computes them whole."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(batch, head, q_idx, kv_idx):
+        segment, position = kv_idx // length, kv_idx % length
+        return ((segment == 0) & (position <= q_idx)) | ((segment > 0) & (position == q_idx))
+
+    return create_block_mask(visible, None, None, length, (step + 1) * length, device=device, _compile=compile_mask)
+
+
 class Eagle3(nn.Module):
     """One-layer TTT drafter (see module docstring). Parameter names follow DeepSpec/SGLang."""
+
+    #: Training attention: ``sdpa`` with the dense [T, (k+1)T] mask of step k, ``flex`` with the sparse one
+    #: (:func:`ttt_block_mask`), ``auto`` = flex on CUDA, sdpa elsewhere. Inference always uses sdpa.
+    attn_implementation: str = "auto"
 
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
@@ -235,12 +252,16 @@ class Eagle3(nn.Module):
         padded_ids = F.pad(input_ids, (0, steps + 1))  # token x_n for n >= T is 0
         padded_mask = F.pad(loss_mask.bool(), (0, steps + 1))
 
+        flex = use_flex(self.attn_implementation, device, self.config.attention_head_dim)
         h = self.project_hidden(target_hidden)
         past: KV | None = None
         hidden, labels, target_index, supervise = [], [], [], []
         for k in range(steps):
             cos, sin = self.rotary_emb((pos + k).expand(b, t), h.dtype)
-            mask = torch.cat([causal] + [diagonal] * k, dim=1)[None, None]  # [1, 1, T, (k+1)T]
+            if flex:
+                mask = ttt_block_mask(t, k, device=device, compile_mask=input_ids.is_cuda)
+            else:
+                mask = torch.cat([causal] + [diagonal] * k, dim=1)[None, None]  # [1, 1, T, (k+1)T]
             h, (key, value) = layer(self.embed(padded_ids[:, 1 + k:1 + k + t]), h, cos, sin, past, mask)
             past = (key, value) if past is None else _cat_kv(past, (key, value))
             hidden.append(h)

@@ -353,3 +353,50 @@ def test_invalid_configs_raise_naming_the_value():
     model = Eagle3(tiny_config())
     with pytest.raises(ValueError, match="width 64"):
         model(torch.zeros(1, T, dtype=torch.long), torch.zeros(1, T, 64), torch.ones(1, T, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------- flex attention
+def test_flex_ttt_mask_is_the_dense_mask_of_every_step():
+    from torch.nn.attention.flex_attention import create_mask
+
+    from dspark_lightning.drafters.eagle3 import ttt_block_mask
+
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for k in range(K):
+        dense = torch.cat([causal] + [torch.eye(T, dtype=torch.bool)] * k, dim=1)
+        block = ttt_block_mask(T, k, device=torch.device("cpu"))
+        assert torch.equal(create_mask(block.mask_mod, None, None, T, (k + 1) * T, device="cpu")[0, 0], dense)
+
+
+def test_flex_attention_gives_the_golden_training_time_test():
+    """The sparse TTT mask through flex attention (CPU: its unfused reference, forward only) gives the float64
+    reference's hidden states, as the dense mask does; training with flex on CPU is refused, naming the fix."""
+    model = make_model()
+    ids, target_hidden, _, loss_mask = make_batch()
+    ref = reference_ttt({k: v.detach() for k, v in model.state_dict().items()}, ids, target_hidden, K)
+    model.attn_implementation = "flex"
+    with torch.no_grad():
+        out = model(ids, target_hidden, loss_mask)
+    torch.testing.assert_close(out.hidden, ref, atol=1e-6, rtol=1e-5)  # flex on CPU: differences of about 1e-7
+    with pytest.raises(ValueError, match="'flex' has no backward on CPU.*'sdpa' or 'auto'"):
+        model(ids, target_hidden, loss_mask)
+
+
+@pytest.mark.gpu
+def test_flex_attention_gradients_match_dense_on_cuda():
+    """Compiled flex attention with the sparse TTT mask on CUDA: the dense mask's hidden states and parameter
+    gradients (fp32; head dim 16, the compiled kernel's minimum)."""
+    cfg = dict(attention_head_dim=16)
+    dense, flex = (randomise(Eagle3(tiny_config(**cfg)).float().cuda()) for _ in range(2))
+    dense.attn_implementation, flex.attn_implementation = "sdpa", "flex"
+    ids, target_hidden, _, loss_mask = (x.cuda() for x in make_batch())
+    outs = [m(ids, target_hidden.float(), loss_mask) for m in (dense, flex)]
+    torch.testing.assert_close(outs[1].hidden, outs[0].hidden, atol=2e-5, rtol=2e-5)
+    for out in outs:
+        out.hidden.pow(2).sum().backward()
+    grads = dict(dense.named_parameters())
+    checked = [name for name, p in flex.named_parameters() if p.grad is not None]
+    for name in checked:
+        torch.testing.assert_close(dict(flex.named_parameters())[name].grad, grads[name].grad, atol=1e-4, rtol=1e-4,
+                                   msg=name)
+    assert len(checked) > 5
