@@ -130,8 +130,9 @@ class Eagle3(nn.Module):
     """One-layer TTT drafter (see module docstring). Parameter names follow DeepSpec/SGLang."""
 
     #: Training attention: ``sdpa`` with the dense [T, (k+1)T] mask of step k, ``flex`` with the sparse one
-    #: (:func:`ttt_block_mask`), ``auto`` = flex on CUDA, sdpa elsewhere. Inference always uses sdpa.
-    attn_implementation: str = "auto"
+    #: (:func:`ttt_block_mask`), ``auto`` = flex on CUDA, sdpa elsewhere. Inference always uses sdpa. The default
+    #: stays ``sdpa`` until the flex path's GPU gradient test has run (it is CPU-tested, forward only).
+    attn_implementation: str = "sdpa"
 
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
