@@ -157,24 +157,29 @@ def main() -> None:
         layer_ids = list(raw.target_layer_ids if isinstance(raw, DrafterConfig) else raw["target_layer_ids"])
     target = FrozenTarget.from_config(target_cfg, layer_ids, device=device)
     drafter = load_drafter(args.ckpt, target_cfg, target, device)
-    tables = {mode: SpsTable.load(args.sps_table) if args.sps_table else None for mode in args.modes}
-    if "scheduler" in args.policies and not args.sps_table:  # SPS(B) measured as each mode verifies
+    given = SpsTable.load(args.sps_table) if args.sps_table else None
+    measured: dict[bool, SpsTable] = {}  # SPS(B) measured as each mode verifies: eager, or replayed from graphs
+
+    def sps_table(mode: str) -> SpsTable | None:
+        graphed = bool(ENGINE_MODES[mode].get("cuda_graphs"))
+        if given is not None or "scheduler" not in args.policies or graphed in measured:
+            return given or measured.get(graphed)
         gamma = args.gamma or drafter.config.block_size
-        graphed_modes = {mode for mode in args.modes if ENGINE_MODES[mode].get("cuda_graphs")}
-        for graphed in sorted({mode in graphed_modes for mode in args.modes}):
-            sps_path = Path(tempfile.mkdtemp()) / "sps.json"
-            print(f"SPS(B) for the scheduler, {'CUDA graphs' if graphed else 'eager'}:", flush=True)
-            profile_sps(target_cfg, str(sps_path), num_tokens=sorted({b * q for b in args.batch_sizes
-                                                                      for q in range(1, gamma + 2)}),
-                        requests=max(args.batch_sizes), device=str(device), cuda_graphs=graphed)
-            tables.update({mode: SpsTable.load(sps_path) for mode in args.modes if (mode in graphed_modes) == graphed})
+        sps_path = Path(tempfile.mkdtemp()) / "sps.json"
+        print(f"SPS(B) for the scheduler, {'CUDA graphs' if graphed else 'eager'}:", flush=True)
+        profile_sps(target_cfg, str(sps_path), num_tokens=sorted({b * q for b in args.batch_sizes
+                                                                  for q in range(1, gamma + 2)}),
+                    requests=max(args.batch_sizes), device=str(device), cuda_graphs=graphed)
+        measured[graphed] = SpsTable.load(sps_path)
+        return measured[graphed]
+
     engines = {}
     for mode in args.modes:
         engines["target", mode] = SpeculativeEngine(target, None, **ENGINE_MODES[mode])
         for policy in args.policies:
             engines[policy, mode] = SpeculativeEngine(
                 target, drafter, gamma=args.gamma, policy=build_policy(policy, threshold=args.threshold,
-                                                                       sps_table=tables[mode]), **ENGINE_MODES[mode])
+                                                                       sps_table=sps_table(mode)), **ENGINE_MODES[mode])
     spec = engines[args.policies[0], args.modes[0]]
     suite = load_suites(target_cfg, [args.suite], max_samples=max(args.batch_sizes) * 2,
                         max_prompt_tokens=args.max_prompt_tokens, hf_config=hf)[0]

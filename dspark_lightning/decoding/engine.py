@@ -382,8 +382,12 @@ class SpeculativeEngine:
         outputs: list[list[int]] = [[] for _ in range(n)]
         stopped = [False] * n
         active = list(range(n))  # unfinished requests; their rows: the same (static) or 0 .. len(active) - 1
-        if static:  # the unfinished rows as an index (what the policy and the records read; the mask is `alive`)
-            live = all_rows
+        # static: the unfinished rows as an index (what the policy and the records read; the mask is `alive`), None
+        # while every row is unfinished (nothing to gather then)
+        live: Tensor | None = None
+        compiled = self._compiled_draft is not None and temperature <= 0  # the greedy passes compiled
+        draft_fn = self._compiled_draft if compiled else self._draft
+        round_fn = self._compiled_round if compiled else self._static_round
         records: list[tuple[Tensor, ...]] = []
         draft_times: list[float] = []
         verify_times: list[float] = []
@@ -392,8 +396,6 @@ class SpeculativeEngine:
             b = len(active)
             self._sync()
             t0 = time.perf_counter()
-            compiled = self._compiled_draft is not None and temperature <= 0  # the greedy passes compiled
-            draft_fn = self._compiled_draft if compiled else self._draft
             if graphs is not None and self.drafter is not None:
                 if "draft" not in graphs:
                     graphs["draft"] = self._draft_graph(draft_fn, dcache, anchor)
@@ -409,7 +411,7 @@ class SpeculativeEngine:
                 conf = None
             if not k:
                 verify_len = torch.zeros(n if static else b, dtype=torch.long, device=dev)
-            elif static:  # the policy decides for the unfinished rows; finished rows verify nothing
+            elif live is not None:  # static: the policy decides for the unfinished rows; finished rows verify nothing
                 verify_len = torch.zeros(n, dtype=torch.long, device=dev)
                 verify_len[live] = self.policy(None if conf is None else conf[live], k, b).clamp(0, k).to(dev)
             else:
@@ -421,15 +423,14 @@ class SpeculativeEngine:
             if static:  # verify, accept, commit and append on the kept buffers: one graph per width
                 slots = state.slots_from(start, kmax + 1)
                 cache.write_at(slots, start)
-                round_ = self._compiled_round if compiled else self._static_round
                 if graphs is not None:
                     key = f"round/{kmax + 1}"
                     if key not in graphs:
-                        graphs[key] = self._round_graph(round_, state, anchor, drafts, verify_len, slots)
+                        graphs[key] = self._round_graph(round_fn, state, anchor, drafts, verify_len, slots)
                     accepted, next_token, after = graphs[key](anchor, drafts, verify_len)
                 else:
-                    accepted, next_token, after = round_(state, anchor, drafts, probs, verify_len, slots, temperature,
-                                                         generator)
+                    accepted, next_token, after = round_fn(state, anchor, drafts, probs, verify_len, slots,
+                                                           temperature, generator)
                 start += kmax + 1
                 self._sync()
                 t2 = t3 = time.perf_counter()
@@ -457,7 +458,7 @@ class SpeculativeEngine:
             verify_times.append(t2 - t1)
 
             # ---- bookkeeping on the host
-            if static:  # the unfinished rows only
+            if live is not None:  # static, some rows finished: the unfinished rows only
                 verify_len, accepted, after = verify_len[live], accepted[live], after[live]
                 conf_raw = None if conf_raw is None else conf_raw[live]
             acc_list = accepted.tolist()
@@ -535,7 +536,7 @@ class SpeculativeEngine:
         if not self.gamma:
             return 1
         if isinstance(self.policy, FixedLength):
-            return 1 + min(self.gamma, self.policy.length if self.policy.length is not None else self.gamma)
+            return 1 + self.policy.verify_length(self.gamma)
         return 1 + int(verify_len.max())
 
     def _draft_graph(self, draft_fn: Any, dcache: Any, anchor: Tensor) -> GraphedCall:

@@ -2,10 +2,11 @@
 
 A 135M target on the H200 spends about 95 % of a decode step launching kernels (``docs/results/performance.md``).
 A CUDA graph records a pass's kernels once and replays them with one launch. It replays fixed shapes from fixed
-addresses, which the engine's ``static_shapes`` mode provides: a preallocated slot KV cache, ``gamma + 1`` verified
-slots every round, finished rows kept in the batch, a draft context of fixed capacity. Inputs that change every
-round (tokens, mask, positions) are copied into the graph's own input buffers before each replay; its outputs are
-the same tensors every time, overwritten by each replay.
+addresses, which the engine's ``static_shapes`` mode provides: a preallocated slot KV cache, one of ``gamma + 1``
+verify widths per round (a graph per width), finished rows kept in the batch, a draft context of fixed capacity,
+and the round's state (slot validity, positions) in buffers updated in place. Inputs that change every round
+(anchors, drafts, verify lengths) are copied into the graph's own input buffers before each replay; its outputs
+are the same tensors every time, overwritten by each replay.
 """
 
 from __future__ import annotations

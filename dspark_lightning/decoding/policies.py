@@ -43,10 +43,13 @@ class FixedLength:
 
     length: int | None = None
 
+    def verify_length(self, num_drafted: int) -> int:
+        """The drafts every request verifies (known without looking at the confidences)."""
+        return num_drafted if self.length is None else min(self.length, num_drafted)
+
     def __call__(self, confidence: Tensor | None, num_drafted: int, batch: int) -> Tensor:
-        n = num_drafted if self.length is None else min(self.length, num_drafted)
         device = confidence.device if confidence is not None else None
-        return torch.full((batch,), n, dtype=torch.long, device=device)
+        return torch.full((batch,), self.verify_length(num_drafted), dtype=torch.long, device=device)
 
 
 @dataclass

@@ -197,7 +197,7 @@ class DFlash(nn.Module):
         """
         cfg = self.config
         b, length = input_ids.shape
-        flex = self._use_flex(input_ids.device)
+        flex = use_flex(self.attn_implementation, input_ids.device, cfg.attention_head_dim)
         plan = plan_blocks(input_ids, loss_mask, anchors, anchor_valid, gamma=cfg.block_size,
                            pred_offset=cfg.pred_offset, mask_token_id=cfg.mask_token_id, dense_mask=not flex)
         mask = flex_block_mask(anchors, length, cfg.block_len, compile_mask=input_ids.is_cuda) if flex else plan.mask
@@ -208,9 +208,6 @@ class DFlash(nn.Module):
                                self.context_kv(context, ctx_pos), mask)
         hidden = hidden.view(b, n, s, -1)[:, :, cfg.pred_offset:]  # [B, N, K, H]
         return BlockDraftOutput(hidden, plan.labels, plan.prev_ids, plan.target_index, plan.supervise)
-
-    def _use_flex(self, device: torch.device) -> bool:
-        return use_flex(self.attn_implementation, device, self.config.attention_head_dim)
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
