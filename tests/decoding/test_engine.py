@@ -307,6 +307,11 @@ class _UncapturedCall:
             return self.fn(*inputs)
 
 
+def round_widths(rounds) -> list[int]:
+    """The verify width of every round: the anchor plus the longest verify length among the round's requests."""
+    return [1 + int(rounds.proposal_length[rounds.step == i].max()) for i in range(int(rounds.step.max()) + 1)]
+
+
 def test_no_host_readback_mode_catches_what_capture_refuses():
     x = torch.arange(4.0)
     for call in (lambda: x.sum().item(), lambda: bool(x.sum()), lambda: x[x > 1], lambda: torch.tensor([1.0])):
@@ -349,8 +354,7 @@ def test_graphed_verify_follows_the_policy_one_graph_per_width(target64, referen
     got = engine.generate(PROMPTS, max_new_tokens=NEW)
     assert got.tokens == want.tokens == references and records(got) == records(want)
     widths = {int(key.split("/")[1]) for key in engine._static.graphs if key.startswith("round/")}
-    rounds = got.rounds
-    per_round = [1 + int(rounds.proposal_length[rounds.step == i].max()) for i in range(int(rounds.step.max()) + 1)]
+    per_round = round_widths(got.rounds)
     assert widths == set(per_round) and len(widths) > 1
     # each round took its width of slots after the prompt's (the last round wrote from cache.start on)
     assert engine._static.cache.start + per_round[-1] == len(PROMPTS[2]) - 1 + sum(per_round)
@@ -382,11 +386,11 @@ def test_compiled_passes_decode_what_the_default_engine_decodes(target64, refere
     """``compile_passes``: the draft pass and the rest of the round through torch.compile (widths 1, 2 and 5 under
     the threshold policy, so the round recompiles with dynamic sizes) give the default engine's tokens and
     records."""
+    from torch._dynamo.utils import counters
+
     drafter = make_drafter("dspark-vanilla", tiny_target_config())
     policy = ConfidenceThreshold(0.55)
     want = SpeculativeEngine(target64, drafter, policy=policy).generate(PROMPTS, max_new_tokens=NEW)
-    from torch._dynamo.utils import counters
-
     engine = SpeculativeEngine(target64, drafter, policy=policy, compile_passes=True)
     graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     got = engine.generate(PROMPTS, max_new_tokens=NEW)
@@ -398,35 +402,25 @@ def test_compiled_passes_decode_what_the_default_engine_decodes(target64, refere
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_verify_one_width_per_graph_as_the_policy_asks(make_drafter, tiny_target_config):
-    """On the GPU: a threshold policy's rounds of widths 1, 2 and 5 replay one verify graph per width, and decode
-    what the default engine decodes."""
+@pytest.mark.parametrize("compile_passes", [False, True])
+def test_cuda_graphs_verify_one_width_per_graph_as_the_policy_asks(compile_passes, make_drafter, tiny_target_config):
+    """On the GPU: a threshold policy's rounds of widths 1, 2 and 5 replay one round graph per width (over the
+    compiled passes too), and decode what the default engine decodes."""
     target = FrozenTarget.from_config(tiny_target_config(), [0, 2], device="cuda")
     drafter = make_drafter("dspark-vanilla", tiny_target_config()).cuda()
     policy = ConfidenceThreshold(0.55)
     want = SpeculativeEngine(target, drafter, policy=policy).generate(PROMPTS, max_new_tokens=NEW)
-    graphed = SpeculativeEngine(target, drafter, policy=policy, cuda_graphs=True)
+    graphed = SpeculativeEngine(target, drafter, policy=policy, cuda_graphs=True, compile_passes=compile_passes)
     got = graphed.generate(PROMPTS, max_new_tokens=NEW)
     assert got.tokens == want.tokens and records(got) == records(want)
-    widths = {1 + int(n) for n in got.rounds.proposal_length.view(-1, len(PROMPTS)).max(1).values}
+    widths = set(round_widths(got.rounds))
     assert {f"round/{w}" for w in widths} | {"draft"} == set(graphed._static.graphs) and len(widths) > 1
-
-
-@pytest.mark.gpu
-def test_cuda_graphs_capture_the_compiled_passes(make_drafter, tiny_target_config):
-    target = FrozenTarget.from_config(tiny_target_config(), [0, 2], device="cuda")
-    drafter = make_drafter("dspark-vanilla", tiny_target_config()).cuda()
-    policy = ConfidenceThreshold(0.55)
-    want = SpeculativeEngine(target, drafter, policy=policy).generate(PROMPTS, max_new_tokens=NEW)
-    got = SpeculativeEngine(target, drafter, policy=policy, cuda_graphs=True, compile_passes=True).generate(
-        PROMPTS, max_new_tokens=NEW)
-    assert got.tokens == want.tokens and records(got) == records(want)
 
 
 @pytest.mark.parametrize("policy", [ConfidenceThreshold(0.45), PrefixScheduler(SpsTable([4, 8, 16], [1.0, 1.0, 0.8]))])
 def test_static_shapes_follow_the_policy_per_request(target64, references, policy, make_drafter, tiny_target_config):
-    """Requests verify different numbers of drafts; static still verifies gamma + 1 slots and masks the rest: the same
-    tokens, verify lengths and acceptances as the default engine."""
+    """Requests verify different numbers of drafts; static verifies the longest of them (plus the anchor) for every
+    row and masks the rest: the same tokens, verify lengths and acceptances as the default engine."""
     drafter = make_drafter("dspark-vanilla", tiny_target_config())
     want = SpeculativeEngine(target64, drafter, policy=policy).generate(PROMPTS, max_new_tokens=NEW)
     got = SpeculativeEngine(target64, drafter, policy=policy, static_shapes=True).generate(PROMPTS, max_new_tokens=NEW)
