@@ -188,7 +188,12 @@ def main() -> None:
           f"({'checkpoint ' + str(Path(args.ckpt).name) if args.ckpt else 'untrained'}), gamma {spec.gamma}, "
           f"policies {' '.join(args.policies)}; suite {suite.name}; max_new_tokens {args.max_new_tokens}", flush=True)
 
-    rows = []
+    # the table's rows are printed as each (batch, T) finishes, so a run stopped at a deadline keeps what it measured
+    first, base_mode = args.policies[0], args.modes[0]
+    print(f"\n| batch | T | mode | policy | HF generate tok/s | target tok/s (engine, this mode) | speculative tok/s "
+          f"| speedup (this mode) | vs {first} | vs target ({base_mode}) | vs HF generate | tau "
+          f"| verified drafts/round | tokens (target / spec) |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for batch in args.batch_sizes:
         prompts = [suite.prompts[i % len(suite.prompts)] for i in range(batch)]
         for temperature in args.temperatures:
@@ -214,18 +219,11 @@ def main() -> None:
                     first_tps = first_tps or s_tps
                     tau = float(s.rounds.num_tokens.double().mean())
                     verified = float(s.rounds.proposal_length.double().mean())
-                    rows.append((batch, temperature, mode, policy, hf_tps, t_tps, s_tps, s_tps / t_tps,
-                                 s_tps / first_tps, s_tps / base_tps, tau, verified, t.num_tokens, s.num_tokens))
-            print(f"  done: batch {batch}, T {temperature:g}", flush=True)
+                    print(f"| {batch} | {temperature:g} | {mode} | {policy} | {hf_tps:.1f} | {t_tps:.1f} | {s_tps:.1f} "
+                          f"| {s_tps / t_tps:.2f}x | {s_tps / first_tps:.2f}x | {s_tps / base_tps:.2f}x "
+                          f"| {s_tps / hf_tps:.2f}x | {tau:.2f} | {verified:.2f} | {t.num_tokens} / {s.num_tokens} |",
+                          flush=True)
 
-    first, base_mode = args.policies[0], args.modes[0]
-    print(f"\n| batch | T | mode | policy | HF generate tok/s | target tok/s (engine, this mode) | speculative tok/s "
-          f"| speedup (this mode) | vs {first} | vs target ({base_mode}) | vs HF generate | tau "
-          f"| verified drafts/round | tokens (target / spec) |")
-    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for b, temp, mode, policy, hf_tps, t_tps, s_tps, ratio, vs_first, vs_base, tau, verify, nt, ns in rows:
-        print(f"| {b} | {temp:g} | {mode} | {policy} | {hf_tps:.1f} | {t_tps:.1f} | {s_tps:.1f} | {ratio:.2f}x "
-              f"| {vs_first:.2f}x | {vs_base:.2f}x | {s_tps / hf_tps:.2f}x | {tau:.2f} | {verify:.2f} | {nt} / {ns} |")
     if args.profile:
         prompt = suite.prompts[0]
         for mode in args.modes:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What issue 9 still needs from a lent H200 (any kind: it uses GPU 0 only), planned from the third 4-GPU session's
 # results (docs/results/performance.md, "Not done"). Issue 10's runs are done (docs/results/multigpu.md; this file
-# at commit 9080c2e held them). Calls of at most 10 minutes, each within 30 s of the previous one (files outside
+# at commit 9080c2e held them). Run at commit df012c4 on one H200: docs/results/performance.md, "Fourth GPU
+# session". Calls of at most 10 minutes, each within 30 s of the previous one (files outside
 # the repository live only while the machine stays warm):
 #
 #   call 1  carry .device/wheels .device/p1   bash recipes/h200_x4_session.sh one

@@ -130,9 +130,9 @@ class Eagle3(nn.Module):
     """One-layer TTT drafter (see module docstring). Parameter names follow DeepSpec/SGLang."""
 
     #: Training attention: ``sdpa`` with the dense [T, (k+1)T] mask of step k, ``flex`` with the sparse one
-    #: (:func:`ttt_block_mask`), ``auto`` = flex on CUDA, sdpa elsewhere. Inference always uses sdpa. The default
-    #: stays ``sdpa`` until the flex path's GPU gradient test has run (it is CPU-tested, forward only).
-    attn_implementation: str = "sdpa"
+    #: (:func:`ttt_block_mask`), ``auto`` = flex on CUDA, sdpa elsewhere. Inference always uses sdpa. Flex's
+    #: hidden states and gradients match the dense mask's on CUDA (GPU test); its step is 1.17x faster on the H200.
+    attn_implementation: str = "auto"
 
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()

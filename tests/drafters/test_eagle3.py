@@ -17,10 +17,11 @@ from dspark_lightning.losses import eagle3_ttt_loss
 T, K = 12, 3
 
 
-def tiny_config(**overrides) -> DrafterConfig:
+def tiny_config(head_dim: int = 8, **overrides) -> DrafterConfig:
+    """A 4-layer qwen3-shaped target; ``head_dim`` is the target's (the drafter reads its geometry)."""
     target = types.SimpleNamespace(
         model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, max_position_embeddings=256,
+        num_key_value_heads=2, head_dim=head_dim, rms_norm_eps=1e-6, max_position_embeddings=256,
         attention_bias=False, hidden_act="silu", num_hidden_layers=4, rope_theta=10000.0,
     )
     fields = dict(algorithm="eagle3", num_hidden_layers=1, target_layer_ids=[0, 1, 2], ttt_length=K)
@@ -386,8 +387,7 @@ def test_flex_attention_gives_the_golden_training_time_test():
 def test_flex_attention_gradients_match_dense_on_cuda():
     """Compiled flex attention with the sparse TTT mask on CUDA: the dense mask's hidden states and parameter
     gradients (fp32; head dim 16, the compiled kernel's minimum)."""
-    cfg = dict(attention_head_dim=16)
-    dense, flex = (randomise(Eagle3(tiny_config(**cfg)).float().cuda()) for _ in range(2))
+    dense, flex = (randomise(Eagle3(tiny_config(head_dim=16)).float().cuda()) for _ in range(2))
     dense.attn_implementation, flex.attn_implementation = "sdpa", "flex"
     ids, target_hidden, _, loss_mask = (x.cuda() for x in make_batch())
     outs = [m(ids, target_hidden.float(), loss_mask) for m in (dense, flex)]
@@ -396,7 +396,8 @@ def test_flex_attention_gradients_match_dense_on_cuda():
         out.hidden.pow(2).sum().backward()
     grads = dict(dense.named_parameters())
     checked = [name for name, p in flex.named_parameters() if p.grad is not None]
-    for name in checked:
-        torch.testing.assert_close(dict(flex.named_parameters())[name].grad, grads[name].grad, atol=1e-4, rtol=1e-4,
-                                   msg=name)
+    for name in checked:  # gradients reach 1e4 here: the tolerance scales with each tensor's largest entry
+        want = grads[name].grad
+        torch.testing.assert_close(dict(flex.named_parameters())[name].grad, want, rtol=1e-4,
+                                   atol=1e-5 * want.abs().max().item(), msg=name)
     assert len(checked) > 5
