@@ -195,8 +195,7 @@ def main() -> None:
     for algorithm in args.algorithms:
         fused_modes = [False, True] if args.fused else [True] if args.fused_only else [False]
         fused_modes = [False] if algorithm == "eagle3" else fused_modes
-        attns = args.attn
-        for compile_, fused, attn in ((c, f, a) for c in args.compile for f in fused_modes for a in attns):
+        for compile_, fused, attn in ((c, f, a) for c in args.compile for f in fused_modes for a in args.attn):
             try:
                 r = bench(algorithm, target, args, compile_, fused, attn, args.profile)
             except Exception as exc:  # one configuration failing (e.g. a compile error) must not hide the others

@@ -76,7 +76,8 @@ class TargetConfig:
         init_on_device: ``tiny`` only: draw the random weights on the device the target will run on (a training
             fit: the rank's GPU) instead of the CPU. The CPU's generator is sequential: a 2.4 B-parameter synthetic
             target took 97-147 s to build per process on the H200 machine. The weights then depend on the device
-            type as well (the cache identity records it).
+            type as well: the cache identity records the flag, not the device type, so build a cache and train
+            from it on the same kind of device.
         dtype: Weight dtype once loaded: ``float32``, ``bfloat16`` or ``float16``.
         revision: Hub revision (branch, tag or commit) when ``path`` is a Hub id.
     """

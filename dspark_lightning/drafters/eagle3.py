@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -113,10 +114,18 @@ class Eagle3DecoderLayer(DecoderLayer):
         return self.residual(hidden, attn.attend(q, keys, values, mask)), (k, v)
 
 
+def dense_ttt_mask(length: int, step: int, device: torch.device) -> Tensor:
+    """The training-time-test mask of step ``step``, ``[1, 1, T, (step + 1) T]`` bool (SDPA): segment 0 (step 0's
+    keys) causally, segments 1..step (later steps' keys) at the query's own position only."""
+    pos = torch.arange(length, device=device)
+    diagonal = torch.eye(length, dtype=torch.bool, device=device)
+    return torch.cat([pos[None, :] <= pos[:, None]] + [diagonal] * step, dim=1)[None, None]
+
+
+@lru_cache(maxsize=64)  # it depends on the shape only: built once per (length, step, device), not every batch
 def ttt_block_mask(length: int, step: int, *, device: torch.device, compile_mask: bool = False):
-    """The training-time-test mask of step ``step`` as a flex-attention ``BlockMask`` over ``(step + 1) * length``
-    keys: segment 0 (step 0's keys) causally, segments 1..step (later steps' keys) at the query's own position
-    only. Sparse: the diagonal segments cost one tile per query tile, where the dense mask computes them whole."""
+    """:func:`dense_ttt_mask` as a flex-attention ``BlockMask``. Sparse: the diagonal segments cost one tile per
+    query tile, where the dense mask computes them whole."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def visible(batch, head, q_idx, kv_idx):
@@ -248,8 +257,6 @@ class Eagle3(nn.Module):
         device = input_ids.device
         layer = self.layers[0]
         pos = torch.arange(t, device=device)
-        causal = pos[None, :] <= pos[:, None]  # [T, T] step-0 keys
-        diagonal = torch.eye(t, dtype=torch.bool, device=device)  # own chain's keys at later steps
         padded_ids = F.pad(input_ids, (0, steps + 1))  # token x_n for n >= T is 0
         padded_mask = F.pad(loss_mask.bool(), (0, steps + 1))
 
@@ -259,10 +266,8 @@ class Eagle3(nn.Module):
         hidden, labels, target_index, supervise = [], [], [], []
         for k in range(steps):
             cos, sin = self.rotary_emb((pos + k).expand(b, t), h.dtype)
-            if flex:
-                mask = ttt_block_mask(t, k, device=device, compile_mask=input_ids.is_cuda)
-            else:
-                mask = torch.cat([causal] + [diagonal] * k, dim=1)[None, None]  # [1, 1, T, (k+1)T]
+            mask = (ttt_block_mask(t, k, device=device, compile_mask=input_ids.is_cuda) if flex
+                    else dense_ttt_mask(t, k, device))
             h, (key, value) = layer(self.embed(padded_ids[:, 1 + k:1 + k + t]), h, cos, sin, past, mask)
             past = (key, value) if past is None else _cat_kv(past, (key, value))
             hidden.append(h)

@@ -360,13 +360,15 @@ def test_invalid_configs_raise_naming_the_value():
 def test_flex_ttt_mask_is_the_dense_mask_of_every_step():
     from torch.nn.attention.flex_attention import create_mask
 
-    from dspark_lightning.drafters.eagle3 import ttt_block_mask
+    from dspark_lightning.drafters.eagle3 import dense_ttt_mask, ttt_block_mask
 
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for k in range(K):
         dense = torch.cat([causal] + [torch.eye(T, dtype=torch.bool)] * k, dim=1)
         block = ttt_block_mask(T, k, device=torch.device("cpu"))
         assert torch.equal(create_mask(block.mask_mod, None, None, T, (k + 1) * T, device="cpu")[0, 0], dense)
+        assert torch.equal(dense_ttt_mask(T, k, torch.device("cpu"))[0, 0], dense)
+        assert ttt_block_mask(T, k, device=torch.device("cpu")) is block  # built once per shape, not per batch
 
 
 def test_flex_attention_gives_the_golden_training_time_test():
