@@ -102,12 +102,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[0] in LIGHTNING_COMMANDS:
         lightning_main(None if from_command_line else argv)
+        _destroy_process_group()
         return
     from jsonargparse import auto_cli
 
     if argv[0] not in COMMANDS:
         raise SystemExit(f"Unknown command {argv[0]!r}; choose one of {(*LIGHTNING_COMMANDS, *COMMANDS)}.")
     auto_cli({argv[0]: _load(COMMANDS[argv[0]])}, args=[argv[0], *map(_underscore_option, argv[1:])])
+
+
+def _destroy_process_group() -> None:
+    """End the process group a DDP/FSDP run leaves behind (Lightning keeps it once the Trainer is done). Left to the
+    interpreter's exit, Gloo's worker threads can outlive its finalisation and abort the finished run's process
+    ("terminate called without an active exception", exit code -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _underscore_option(arg: str) -> str:

@@ -87,6 +87,22 @@ def test_fit_ddp_two_processes_on_cpu(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_lightning_command_ends_the_process_group_it_leaves(tmp_path, monkeypatch):
+    """Lightning keeps a DDP run's process group after the Trainer ends; ``main`` destroys it, so that Gloo's threads
+    do not outlive the interpreter (an abort after a finished run)."""
+    import torch.distributed as dist
+
+    import dspark_lightning.cli as cli
+
+    def fit_leaving_a_group(args):  # noqa: ANN001, ANN202 - what a finished 1-process DDP fit leaves
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        assert args == ["fit"]
+
+    monkeypatch.setattr(cli, "lightning_main", fit_leaving_a_group)
+    main(["fit"])
+    assert not dist.is_initialized()
+
+
 def test_help_lists_every_command(capsys):
     main(["--help"])
     out = capsys.readouterr().out
