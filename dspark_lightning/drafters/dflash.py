@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled, use_flex
 from .blocks import flex_block_mask, plan_blocks
 from .config import DrafterConfig
+from .protocol import GREEDY, DraftSampler, Proposal
 
 
 @dataclass
@@ -41,15 +42,6 @@ class BlockDraftOutput:
     confidence_logits: Tensor | None = None  # [B, N, K] fp32 (DSpark)
 
 
-@dataclass
-class Proposal:
-    """One drafted block per request."""
-
-    tokens: Tensor  # [B, K] drafted tokens
-    probs: Tensor  # [B, K, V] draft distribution each token was sampled from (one-hot at T=0)
-    confidence: Tensor | None = None  # [B, K] per-step conditional acceptance probabilities
-
-
 class ContextKVCache:
     """Per-layer context keys/values of a batch of requests with uneven lengths (right-padded).
 
@@ -59,12 +51,18 @@ class ContextKVCache:
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, *,
-                 device: torch.device | str, dtype: torch.dtype, capacity: int = 256) -> None:
+                 device: torch.device | str, dtype: torch.dtype, capacity: int = 256, static: bool = False) -> None:
         shape = (batch, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self.static = False
+        self.static = static
+
+    def select_rows(self, index: Tensor) -> None:
+        """Keep rows ``index`` (in that order)."""
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+        self.lengths = self.lengths[index]
 
     @property
     def capacity(self) -> int:
@@ -110,17 +108,6 @@ class ContextKVCache:
     def key_mask(self) -> Tensor:
         """[B, max_len] bool (static: [B, capacity]), True for filled entries."""
         return torch.arange(self._width(), device=self.lengths.device) < self.lengths[:, None]
-
-
-def sample(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Sample from ``softmax(logits / T)`` (argmax at T = 0); returns (tokens [...], probs [..., V] fp32)."""
-    if temperature <= 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.nn.functional.one_hot(tokens, logits.shape[-1]).float()
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
-    return tokens, probs
 
 
 class DFlash(nn.Module):
@@ -209,18 +196,24 @@ class DFlash(nn.Module):
         hidden = hidden.view(b, n, s, -1)[:, :, cfg.pred_offset:]  # [B, N, K, H]
         return BlockDraftOutput(hidden, plan.labels, plan.prev_ids, plan.target_index, plan.supervise)
 
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ inference (drafters/protocol.py)
+    @property
+    def gamma(self) -> int:
+        return self.config.block_size
+
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, capacity: int = 256) -> ContextKVCache:
+                  dtype: torch.dtype | None = None, capacity: int = 256, static: bool = False) -> ContextKVCache:
         w = self.fc.weight
         return ContextKVCache(len(self.layers), batch, self.config.attention_num_kv_heads,
                               self.config.attention_head_dim,
-                              device=device or w.device, dtype=dtype or w.dtype, capacity=capacity)
+                              device=device or w.device, dtype=dtype or w.dtype, capacity=capacity, static=static)
 
     @torch.no_grad()
-    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, counts: Tensor | None = None) -> None:
+    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, tokens_after: Tensor | None = None,
+                       counts: Tensor | None = None) -> None:
         """Commit target features of newly verified tokens: target_hidden [B, T, m*H], ``counts[b]`` of them
-        valid for row b (default all). Positions continue each row's cache length."""
+        valid for row b (default all). Positions continue each row's cache length. ``tokens_after`` is not read
+        (the context is the target's features alone)."""
         b, t, _ = target_hidden.shape
         if counts is None:
             counts = torch.full((b,), t, dtype=torch.long, device=target_hidden.device)
@@ -245,9 +238,10 @@ class DFlash(nn.Module):
         return self.backbone(block_ids, positions, ctx_kv, mask)[:, cfg.pred_offset:]
 
     @torch.no_grad()
-    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, temperature: float = 1.0,
-                generator: torch.Generator | None = None) -> Proposal:
-        """Draft gamma tokens per row, each sampled independently from ``softmax(U_k / T)``."""
-        logits = self.compute_logits(self.draft_hidden(cache, anchor_ids))
-        tokens, probs = sample(logits, temperature, generator)
+    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, sampler: DraftSampler = GREEDY,
+                num_tokens: int | None = None) -> Proposal:
+        """Draft ``num_tokens`` (default gamma) tokens per row, each drawn independently from its own logits."""
+        k = num_tokens or self.gamma
+        logits = self.compute_logits(self.draft_hidden(cache, anchor_ids)[:, :k])
+        tokens, probs = sampler(logits, 0)
         return Proposal(tokens, probs)

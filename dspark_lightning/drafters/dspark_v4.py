@@ -47,8 +47,9 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
 from ._layers import init_weights, unfilled
 from .blocks import plan_blocks
 from .config import DrafterConfig
-from .dflash import BlockDraftOutput, ContextKVCache, Proposal
+from .dflash import BlockDraftOutput, ContextKVCache
 from .dspark import ConfidenceHead, MarkovHead, sample_left_to_right
+from .protocol import GREEDY, DraftSampler, Proposal
 
 
 def stage_config(config: DrafterConfig) -> DeepseekV4Config:
@@ -217,16 +218,21 @@ class DSparkV4(nn.Module):
                                plan.supervise)
         return self._heads(out, collapsed.view(b, n, s, -1))
 
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ inference (drafters/protocol.py)
+    @property
+    def gamma(self) -> int:
+        return self.config.block_size
+
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, capacity: int = 256) -> ContextKVCache:
+                  dtype: torch.dtype | None = None, capacity: int = 256, static: bool = False) -> ContextKVCache:
         """Context K=V per stage (stored as both keys and values of a :class:`ContextKVCache`, one KV head)."""
         w = self.fc.weight
         return ContextKVCache(len(self.layers), batch, 1, self.config.head_dim, device=device or w.device,
-                              dtype=dtype or w.dtype, capacity=capacity)
+                              dtype=dtype or w.dtype, capacity=capacity, static=static)
 
     @torch.no_grad()
-    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, counts: Tensor | None = None) -> None:
+    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, tokens_after: Tensor | None = None,
+                       counts: Tensor | None = None) -> None:
         """Commit target features of newly verified tokens (as :meth:`DFlash.extend_context`)."""
         b, t, _ = target_hidden.shape
         if counts is None:
@@ -248,13 +254,15 @@ class DSparkV4(nn.Module):
         return self.backbone(block_ids, positions, window_kv, idx >= 0)
 
     @torch.no_grad()
-    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, temperature: float = 1.0,
-                generator: torch.Generator | None = None) -> Proposal:
-        """Draft gamma tokens: one backbone pass, then the Markov head samples left to right."""
+    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, sampler: DraftSampler = GREEDY,
+                num_tokens: int | None = None) -> Proposal:
+        """Draft ``num_tokens`` (default gamma) tokens: one backbone pass, then the Markov head samples left to
+        right."""
+        k = num_tokens or self.gamma
         hidden, collapsed = self.draft_hidden(cache, anchor_ids)
-        base = self.compute_logits(hidden)
-        return sample_left_to_right(base, hidden, collapsed, anchor_ids, self.markov_head, self.confidence_head,
-                                    self._prev_embed, temperature, generator)
+        base = self.compute_logits(hidden[:, :k])
+        return sample_left_to_right(base, hidden[:, :k], collapsed[:, :k], anchor_ids, self.markov_head,
+                                    self.confidence_head, self._prev_embed, sampler)
 
 
 def parameter_counts(drafter: DSparkV4) -> dict[str, int]:

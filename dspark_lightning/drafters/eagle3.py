@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled, use_flex
 from .config import DrafterConfig
-from .dflash import ContextKVCache, Proposal, sample
+from .dflash import ContextKVCache
+from .protocol import GREEDY, DraftSampler, Proposal
 
 KV = tuple[Tensor, Tensor]
 
@@ -87,9 +88,13 @@ class Eagle3Cache(ContextKVCache):
     is the state the next proposal starts from. ``lengths[b]`` is row b's number of committed positions."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, hidden_size: int, *,
-                 device: torch.device | str, dtype: torch.dtype, capacity: int = 256) -> None:
-        super().__init__(1, batch, kv_heads, head_dim, device=device, dtype=dtype, capacity=capacity)
+                 device: torch.device | str, dtype: torch.dtype, capacity: int = 256, static: bool = False) -> None:
+        super().__init__(1, batch, kv_heads, head_dim, device=device, dtype=dtype, capacity=capacity, static=static)
         self.last_hidden = torch.zeros(batch, hidden_size, device=device, dtype=dtype)
+
+    def select_rows(self, index: Tensor) -> None:
+        super().select_rows(index)
+        self.last_hidden = self.last_hidden[index]
 
 
 class Eagle3DecoderLayer(DecoderLayer):
@@ -277,31 +282,37 @@ class Eagle3(nn.Module):
         return Eagle3Output(torch.stack(hidden), torch.stack(labels), torch.stack(target_index),
                             torch.stack(supervise))
 
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ inference (drafters/protocol.py)
+    @property
+    def gamma(self) -> int:
+        """The trained chain length (``ttt_length``); ``propose`` can draft more."""
+        return self.config.ttt_length
+
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, capacity: int = 256) -> Eagle3Cache:
+                  dtype: torch.dtype | None = None, capacity: int = 256, static: bool = False) -> Eagle3Cache:
         w = self.fc.weight
         cfg = self.config
         return Eagle3Cache(batch, cfg.attention_num_kv_heads, cfg.attention_head_dim, cfg.hidden_size,
-                           device=device or w.device, dtype=dtype or w.dtype, capacity=capacity)
+                           device=device or w.device, dtype=dtype or w.dtype, capacity=capacity, static=static)
 
     @torch.no_grad()
-    def extend_context(self, cache: Eagle3Cache, target_hidden: Tensor, tokens: Tensor,
+    def extend_context(self, cache: Eagle3Cache, target_hidden: Tensor, tokens_after: Tensor,
                        counts: Tensor | None = None) -> None:
         """Commit verified positions: feature ``h_j`` paired with the *next* token ``x_{j+1}``.
 
         Args:
             cache: from :meth:`new_cache`; row b's new positions start at ``cache.lengths[b]``.
             target_hidden: [B, T, m*H] target features of the new positions.
-            tokens: [B, T] the token following each of those positions (prefill of a prompt x_0..x_n:
+            tokens_after: [B, T] the token following each of those positions (prefill of a prompt x_0..x_n:
                 features h_0..h_{n-1} with tokens x_1..x_n; after a round: the verified positions' features
                 with the committed tokens, accepted drafts then the bonus).
             counts: [B] how many of the T entries are valid per row (default all); rows with 0 are untouched.
         """
+        tokens = tokens_after
         b, t = tokens.shape
         if tuple(target_hidden.shape[:2]) != (b, t):
             raise ValueError(
-                f"target_hidden {tuple(target_hidden.shape)} and tokens {tuple(tokens.shape)} must share "
+                f"target_hidden {tuple(target_hidden.shape)} and tokens_after {tuple(tokens.shape)} must share "
                 "[batch, positions]: one next token per feature."
             )
         device = tokens.device
@@ -315,7 +326,7 @@ class Eagle3(nn.Module):
         h_in = self.project_hidden(target_hidden)
         h, kv = self.layers[0](self.embed(tokens), h_in, cos, sin, cache.view(0), mask)
         last = h[torch.arange(b, device=device), (counts - 1).clamp(min=0)].to(cache.last_hidden.dtype)
-        cache.last_hidden = torch.where(counts[:, None] > 0, last, cache.last_hidden)
+        cache.last_hidden.copy_(torch.where(counts[:, None] > 0, last, cache.last_hidden))  # in place: graphs read it
         cache.append([kv], counts)
 
     def _chain(self, cache: Eagle3Cache, num_steps: int,
@@ -355,26 +366,29 @@ class Eagle3(nn.Module):
         return draft_ids if hot is None else hot[draft_ids]
 
     @torch.no_grad()
-    def propose(self, cache: Eagle3Cache, temperature: float = 1.0, generator: torch.Generator | None = None,
+    def propose(self, cache: Eagle3Cache, anchor_ids: Tensor | None = None, sampler: DraftSampler = GREEDY,
                 num_tokens: int | None = None) -> Proposal:
-        """Draft ``num_tokens`` (default ttt_length) tokens per row, chain-wise from ``cache.last_hidden``.
+        """Draft ``num_tokens`` (default ttt_length) tokens per row, chain-wise from ``cache.last_hidden`` (the anchor
+        entered the cache with the last :meth:`extend_context`, so ``anchor_ids`` is not read).
 
-        Returns target-vocabulary tokens [B, K] and the probabilities they were drawn from [B, K, V]
-        (zero outside the draft vocabulary). The cache is unchanged: after verification, call
+        Returns target-vocabulary tokens [B, K] and the probabilities they were drawn from [B, K, V] (zero outside
+        the draft vocabulary; None when greedy). The cache is unchanged: after verification, call
         :meth:`extend_context` with the verified features and the committed tokens.
         """
-        num_tokens = num_tokens or self.config.ttt_length
+        num_tokens = num_tokens or self.gamma
         drafted, probs = [], []
 
         def draw(k: int, h: Tensor) -> Tensor:
-            token, p = sample(self.compute_logits(h), temperature, generator)
-            drafted.append(self._to_target(token))
+            token, p = sampler(self.compute_logits(h)[:, None], k)
+            drafted.append(self._to_target(token[:, 0]))
             probs.append(p)
             return drafted[-1]
 
         states, _ = self._chain(cache, num_tokens, draw)
         draw(num_tokens - 1, states[:, -1])
-        p = torch.stack(probs, 1)  # [B, K, Vd]
+        if sampler.greedy:
+            return Proposal(torch.stack(drafted, 1), None)
+        p = torch.cat(probs, 1)  # [B, K, Vd]
         if self.hot_ids is not None:
             full = p.new_zeros(*p.shape[:2], self.config.vocab_size)
             p = full.index_copy_(2, self.hot_ids, p)

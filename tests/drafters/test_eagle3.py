@@ -12,6 +12,7 @@ import torch
 
 from dspark_lightning.drafters import DrafterConfig, Eagle3
 from dspark_lightning.drafters.eagle3 import build_draft_vocab
+from dspark_lightning.drafters.protocol import TemperatureSampler
 from dspark_lightning.losses import eagle3_ttt_loss
 
 T, K = 12, 3
@@ -225,8 +226,8 @@ def test_training_time_test_equals_cached_inference(split):
         states = model.draft_states(cache, ids[:, i + 2:i + 1 + K])  # teacher-forced drafts x_{i+2}..x_{i+K}
         torch.testing.assert_close(states, out.hidden[:, :, i].transpose(0, 1), atol=1e-10, rtol=1e-10)
 
-        proposal = model.propose(cache, temperature=0.0)
-        assert proposal.tokens.shape == (2, K) and proposal.probs.shape == (2, K, 64)
+        proposal = model.propose(cache)  # greedy by default
+        assert proposal.tokens.shape == (2, K) and proposal.probs is None
         first = model.compute_logits(out.hidden[0, :, i]).argmax(-1)
         torch.testing.assert_close(proposal.tokens[:, 0], first)
         greedy = model.compute_logits(model.draft_states(cache, proposal.tokens[:, :-1])).argmax(-1)
@@ -259,13 +260,13 @@ def test_uneven_batch_equals_single_rows():
     model.extend_context(cache, torch.stack([target_hidden[0, 5:9], target_hidden[1, 2:6]]),
                          torch.stack([ids[0, 6:10], ids[1, 3:7]]), counts=torch.tensor([4, 4]))
     assert cache.lengths.tolist() == [9, 6]
-    batch = model.propose(cache, temperature=0.0)
+    batch = model.propose(cache)
     forced = torch.randint(0, 64, (2, K - 1), generator=torch.Generator().manual_seed(3))
     states = model.draft_states(cache, forced)
     for row, n in ((0, 9), (1, 6)):
         single = model.new_cache(1)
         model.extend_context(single, target_hidden[row:row + 1, :n], ids[row:row + 1, 1:n + 1])
-        alone_prop = model.propose(single, temperature=0.0)
+        alone_prop = model.propose(single)
         assert torch.equal(batch.tokens[row], alone_prop.tokens[0])
         torch.testing.assert_close(states[row], model.draft_states(single, forced[row:row + 1])[0],
                                    atol=1e-10, rtol=1e-10)
@@ -276,7 +277,7 @@ def test_sampled_proposal_is_a_distribution():
     ids, target_hidden, _, _ = make_batch()
     cache = model.new_cache(2)
     model.extend_context(cache, target_hidden, ids)
-    prop = model.propose(cache, temperature=1.0, generator=torch.Generator().manual_seed(0), num_tokens=5)
+    prop = model.propose(cache, sampler=TemperatureSampler(1.0, torch.Generator().manual_seed(0)), num_tokens=5)
     assert prop.tokens.shape == (2, 5)
     torch.testing.assert_close(prop.probs.sum(-1), torch.ones(2, 5))
     assert (prop.probs.gather(-1, prop.tokens[..., None]) > 0).all()
@@ -331,12 +332,13 @@ def test_reduced_vocabulary_head_loss_and_proposal():
     cache = model.new_cache(2)
     model.extend_context(cache, target_hidden, ids)
     for temperature in (0.0, 1.0):
-        prop = model.propose(cache, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        prop = model.propose(cache, sampler=TemperatureSampler(temperature, torch.Generator().manual_seed(0)))
         assert t2d[prop.tokens].all()  # drafts are target ids inside the draft vocabulary
-        assert (prop.probs[..., ~t2d] == 0).all()
-        torch.testing.assert_close(prop.probs.sum(-1), torch.ones(2, K))
+        if temperature > 0:
+            assert (prop.probs[..., ~t2d] == 0).all()
+            torch.testing.assert_close(prop.probs.sum(-1), torch.ones(2, K))
     greedy = model.compute_logits(cache.last_hidden).argmax(-1)
-    assert torch.equal(model.propose(cache, temperature=0.0).tokens[:, 0], hot[greedy])
+    assert torch.equal(model.propose(cache).tokens[:, 0], hot[greedy])
 
     with pytest.raises(ValueError, match="disagree"):
         model.set_draft_vocab(d2t, ~t2d)

@@ -122,7 +122,7 @@ def drafter_outputs(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Te
             out["logits"] = model.compute_logits(fwd.hidden)
             cache = model.new_cache(2)
             model.extend_context(cache, hidden[:, :10], x["input_ids"][:, 1:11])
-            proposal = model.propose(cache, temperature=0.0)
+            proposal = model.propose(cache)
         else:
             anchors = torch.tensor([[4, 7, 11], [5, 9, 14]])
             valid = torch.ones_like(anchors, dtype=torch.bool)
@@ -132,11 +132,10 @@ def drafter_outputs(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Te
                 out["confidence"] = fwd.confidence_logits
             cache = model.new_cache(2)
             model.extend_context(cache, hidden[:, :10])
-            proposal = model.propose(cache, x["input_ids"][:, 10], temperature=0.0)
+            proposal = model.propose(cache, x["input_ids"][:, 10])
             if proposal.confidence is not None:
                 out["proposal_confidence"] = proposal.confidence
     out["proposal_tokens"] = proposal.tokens
-    out["proposal_probs"] = proposal.probs
     return out
 
 

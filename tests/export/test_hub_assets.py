@@ -36,7 +36,8 @@ def test_remote_code_is_the_drafter_modules_the_wrapper_needs_with_local_imports
     copy = (tmp_path / "drafter_dspark.py").read_text()
     assert copy.splitlines()[1:] == source.replace("from .dflash import", "from .drafter_dflash import").replace(
         "from ._layers import", "from .drafter_layers import").replace(
-        "from .config import", "from .drafter_config import").splitlines()  # verbatim apart from the imports
+        "from .config import", "from .drafter_config import").replace(
+        "from .protocol import", "from .drafter_protocol import").splitlines()  # verbatim apart from the imports
 
 
 @pytest.mark.parametrize(
