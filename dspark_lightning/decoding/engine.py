@@ -287,7 +287,7 @@ class SpeculativeEngine:
         ``fn`` for real; the state's counters are put back after each (what the graph writes beyond them is
         overwritten by the replay)."""
         if name not in st.graphs:
-            if st.pool is None:
+            if st.pool is None and self.device.type == "cuda":
                 st.pool = torch.cuda.graph_pool_handle()
             saved = st.snapshot()
             st.graphs[name] = CapturedStep(lambda: fn(st), self.device, reset=lambda: st.restore(saved), pool=st.pool)

@@ -130,6 +130,7 @@ def profile_sps(
     iters: int = 10,
     device: str | None = None,
     cuda_graphs: bool = False,
+    model: FrozenTarget | None = None,
 ) -> dict[str, Any]:
     """Profile SPS(B), the target's verify steps per second, on this device and write it as JSON.
 
@@ -148,6 +149,7 @@ def profile_sps(
         iters: timed forwards per count (the median is kept).
         device: ``cuda``, ``cpu``...; default CUDA when available.
         cuda_graphs: time the forward replayed from a CUDA graph (the engine's ``cuda_graphs`` mode); CUDA only.
+        model: the target already loaded on ``device`` (saves loading it again), else loaded from ``target``.
 
     Returns:
         The written table as a dict.
@@ -159,7 +161,7 @@ def profile_sps(
     if cuda_graphs and dev.type != "cuda":
         raise ValueError(f"cuda_graphs=True profiles CUDA graphs; the device is {dev}. Use a CUDA device or "
                          "cuda_graphs=False.")
-    model = FrozenTarget.from_config(target, [0], device=dev)
+    model = model if model is not None else FrozenTarget.from_config(target, [0], device=dev)
     vocab = model.vocab_size
     g = torch.Generator().manual_seed(0)
     sps: list[float] = []
