@@ -2,11 +2,12 @@
 what a user would run instead (HF ``generate``, eager and with its static cache compiled).
 
 The target is SmolLM2-135M-Instruct (``targets.smollm2_target()``, or ``--target-path``); drafters come from Lightning
-checkpoints (``--ckpt``, several for a side-by-side, read without unpickling anything foreign) or an untrained DSpark
-of the demo's shape. Prompts are the first turns of a shipped suite under the chat template. For every batch size,
+checkpoints (``--ckpt``, several for a side-by-side, read without unpickling anything foreign) or untrained DSparks
+of the SmolLM2 recipe's shape (round costs only). Prompts are the first turns of a shipped suite under the chat template. For every batch size,
 temperature and engine mode, the target alone and every (drafter, policy) decode the same prompts, in turns; a row
-gives tokens/s (prefill included), the speed-up over the target alone in the same mode, the round cost
-``c = tau / speed-up`` in target steps, and tau. ``--json`` writes the same table.
+gives tokens/s (prefill included), the speed-up over the target alone in the same mode, the round cost ``c`` in
+target steps (decode time per round over decode time per target-alone step; speed-up ~ tau / c), and tau.
+``--json`` writes the same table.
 
 ``--profile`` splits a batch-1 round of the first drafter into draft, verify (target forward), accept/commit and host
 time: CUDA graphs of each phase timed with CUDA events, beside the fused round's wall time.
@@ -39,19 +40,25 @@ from dspark_lightning.targets import FrozenTarget, TargetConfig, load_target_con
 ENGINE_MODES = {"eager": {}, "compiled": {"compile_passes": True}, "graphs": {"cuda_graphs": True},
                 "graphs-compiled": {"cuda_graphs": True, "compile_passes": True}}
 
-# The demo's drafter shape (configs/demo/smollm2_dspark_cpu.yaml), used when no checkpoint is given.
-UNTRAINED = dict(algorithm="dspark", num_hidden_layers=1, target_layer_ids=[1, 7, 14, 20, 27], block_size=7,
-                 mask_token_id=0, markov_rank=64, markov_head_type="vanilla")
+# The SmolLM2 recipe's drafter shape (configs/smollm2/dspark.yaml), used untrained when no checkpoint is given.
+UNTRAINED = dict(algorithm="dspark", target_layer_ids=[1, 7, 14, 20, 27], block_size=7, mask_token_id=0,
+                 markov_rank=256, markov_head_type="vanilla")
+# SmolLM2-135M-Instruct's geometry (its config.json), for timing on random weights where the GGUF is not at hand:
+# the kernels and their costs are the real model's, the tokens are not.
+SMOLLM2_GEOMETRY = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                        max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                        tie_word_embeddings=True)
 
 
-def load_drafter(ckpt: str | None, target: FrozenTarget, dtype: torch.dtype) -> tuple[str, torch.nn.Module]:
-    """``(name, drafter)`` from a DrafterModule checkpoint (safe read), or an untrained demo-shaped DSpark."""
-    if ckpt is None:
-        drafter = build_drafter(DrafterConfig(**UNTRAINED).resolve(target.text_config))
+def load_drafter(ckpt: str | int, target: FrozenTarget, dtype: torch.dtype) -> tuple[str, torch.nn.Module]:
+    """``(name, drafter)`` from a DrafterModule checkpoint (safe read), or an untrained DSpark of ``ckpt`` layers."""
+    if isinstance(ckpt, int):
+        drafter = build_drafter(DrafterConfig(num_hidden_layers=ckpt, **UNTRAINED).resolve(target.text_config))
         with torch.no_grad():
             drafter.embed_tokens.weight.copy_(target.embed_weight)
             drafter.lm_head.weight.copy_(target.lm_head_weight)
-        name = "untrained"
+        name = f"untrained dspark-{ckpt}L"
     else:
         trained = read_checkpoint(ckpt)
         drafter = instantiate(trained.config, trained.state_dict)
@@ -108,6 +115,11 @@ def timed_turns(engines: dict, prompts: list[list[int]], kwargs: dict, repeats: 
     return {name: sorted(outs, key=decode_seconds)[len(outs) // 2] for name, outs in runs.items()}
 
 
+def per_round(out) -> float:
+    """Decode seconds (prefill excluded) per batch round (a target-alone step is a round of one token)."""
+    return decode_seconds(out) / max(out.rounds.round_seconds.numel(), 1)
+
+
 def tau_of(out) -> float:
     return float(out.rounds.num_tokens.double().mean())
 
@@ -156,7 +168,11 @@ def profile_sps_point(target: FrozenTarget, width: int, context: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", nargs="*", default=[None], help="DrafterModule checkpoints (default: untrained)")
+    parser.add_argument("--ckpt", nargs="*", default=[], help="DrafterModule checkpoints")
+    parser.add_argument("--untrained-layers", type=int, nargs="*", default=[],
+                        help="untrained DSparks of these depths (default 5 when no --ckpt): round costs only")
+    parser.add_argument("--random-target", action="store_true",
+                        help="SmolLM2's geometry with random weights and random prompts (timing without the GGUF)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
@@ -173,6 +189,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", default=["graphs"], choices=list(ENGINE_MODES))
     parser.add_argument("--hf", action="store_true", help="also time HF generate, eager and static-cache compiled")
+    parser.add_argument("--hf-batch-sizes", type=int, nargs="*", default=None,
+                        help="batch sizes HF generate is timed at (default: all; its compile is per shape)")
     parser.add_argument("--profile", action="store_true", help="split a batch-1 round into its phases (CUDA)")
     parser.add_argument("--json", default=None, help="write the table (and the profile) here")
     parser.add_argument("--target-path", default=None, help="HF directory (or GGUF directory) of the target")
@@ -185,21 +203,31 @@ def main() -> None:
         is_hf_dir = (Path(args.target_path) / "config.json").is_file()
         target_cfg = TargetConfig(path=args.target_path, gguf_file=None if is_hf_dir else target_cfg.gguf_file,
                                   dtype=dtype_name)
+    if args.random_target:
+        target_cfg = TargetConfig(tiny=SMOLLM2_GEOMETRY, dtype=dtype_name, init_on_device=device.type == "cuda")
     hf = load_target_config(target_cfg)
     layer_ids = UNTRAINED["target_layer_ids"]
-    if args.ckpt[0] is not None:
+    if args.ckpt:
         layer_ids = list(read_checkpoint(args.ckpt[0]).config.target_layer_ids)
     target = FrozenTarget.from_config(target_cfg, layer_ids, device=device)
-    drafters = dict(load_drafter(ckpt, target, target.dtype) for ckpt in args.ckpt)
+    sources = args.ckpt + args.untrained_layers if (args.ckpt or args.untrained_layers) else [5]
+    drafters = dict(load_drafter(source, target, target.dtype) for source in sources)
     for name, drafter in drafters.items():
         if list(drafter.config.target_layer_ids) != layer_ids:
             raise ValueError(f"Drafter {name} reads target layers {drafter.config.target_layer_ids}, the first one "
                              f"{layer_ids}: compare drafters of one target_layer_ids per run.")
-    suite = load_suites(target_cfg, [args.suite], max_samples=max(args.batch_sizes) * 2,
-                        max_prompt_tokens=args.max_prompt_tokens, hf_config=hf)[0]
-    stops = suite.stop_token_ids
+    if args.random_target:
+        g = torch.Generator().manual_seed(args.seed)
+        lengths = torch.randint(64, 320, (max(args.batch_sizes),), generator=g).tolist()
+        prompt_pool = [torch.randint(1, hf.vocab_size, (n,), generator=g).tolist() for n in lengths]
+        stops, suite_name = [], "random prompts"
+    else:
+        suite = load_suites(target_cfg, [args.suite], max_samples=max(args.batch_sizes) * 2,
+                            max_prompt_tokens=args.max_prompt_tokens, hf_config=hf)[0]
+        prompt_pool, stops, suite_name = suite.prompts, suite.stop_token_ids, f"suite {suite.name}"
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"target SmolLM2-135M-Instruct ({dtype_name}, {card}); drafters {', '.join(drafters)}; suite {suite.name}; "
+    what = "SmolLM2-135M-Instruct" + (" geometry, random weights" if args.random_target else "")
+    print(f"target {what} ({dtype_name}, {card}); drafters {', '.join(drafters)}; {suite_name}; "
           f"max_new_tokens {args.max_new_tokens}; top_p {args.top_p}", flush=True)
 
     sps = {}
@@ -221,7 +249,7 @@ def main() -> None:
               "per round) | tau | verified drafts/round |")
     print("\n" + header + "\n|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
     for batch in args.batch_sizes:
-        prompts = [suite.prompts[i % len(suite.prompts)] for i in range(batch)]
+        prompts = [prompt_pool[i % len(prompt_pool)] for i in range(batch)]
         for temperature in args.temperatures:
             kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=temperature, stop_token_ids=stops,
                           seed=args.seed, top_p=args.top_p if temperature > 0 else 1.0)
@@ -240,17 +268,18 @@ def main() -> None:
                         continue
                     tps = out.num_tokens / out.seconds
                     speedup, tau = tps / base_tps, tau_of(out)
+                    c = per_round(out) / per_round(base)
                     row = dict(batch=batch, temperature=temperature, top_p=kwargs["top_p"], mode=mode, policy=policy,
                                drafter=name, target_tokens_per_second=base_tps, speculative_tokens_per_second=tps,
-                               speedup=speedup, c=tau / speedup, tau=tau,
+                               speedup=speedup, c=c, tau=tau,
                                verified_drafts_per_round=float(out.rounds.proposal_length.double().mean()),
                                tokens=[base.num_tokens, out.num_tokens], card=card)
                     rows.append(row)
                     print(f"| {batch} | {temperature:g} | {mode} | {name} | {policy} | {base_tps:.1f} | {tps:.1f} "
-                          f"| {speedup:.2f}x | {tau / speedup:.2f} | {tau:.2f} | "
+                          f"| {speedup:.2f}x | {c:.2f} | {tau:.2f} | "
                           f"{row['verified_drafts_per_round']:.2f} |", flush=True)
                 del engines, result
-            if args.hf:
+            if args.hf and (args.hf_batch_sizes is None or batch in args.hf_batch_sizes):
                 for static in (False, True):
                     try:
                         tps = hf_generate(target, prompts, args.max_new_tokens, temperature, args.top_p, static)
@@ -266,7 +295,7 @@ def main() -> None:
     if args.profile and device.type == "cuda":
         name, drafter = next(iter(drafters.items()))
         engine = SpeculativeEngine(target, drafter, gamma=args.gamma)
-        profile = {"drafter": name, **round_split(engine, suite.prompts[0], 64, stops)}
+        profile = {"drafter": name, **round_split(engine, prompt_pool[0], 64, stops)}
         print("\nround split (batch 1, T = 0, ms): " + ", ".join(f"{k} {v:.3f}" for k, v in profile.items()
                                                                if k != "drafter"), flush=True)
     if args.json:
