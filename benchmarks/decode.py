@@ -1,12 +1,13 @@
 """Wall-clock decoding throughput: speculative decoding against the target alone, in the same engine, and against
 what a user would run instead (HF ``generate``, eager and with its static cache compiled).
 
-The target is SmolLM2-135M-Instruct (``targets.smollm2_target()``, or ``--target-path``); drafters come from Lightning
-checkpoints (``--ckpt``, several for a side-by-side, read without unpickling anything foreign) or untrained DSparks
-of the SmolLM2 recipe's shape (round costs only). Prompts are the first turns of a shipped suite under the chat
-template. For every batch size, temperature and engine mode, the target alone and every (drafter, policy) decode
-the same prompts, in turns; a row gives tokens/s (prefill included), the speed-up over the target alone in the same mode, the round cost ``c`` in
-target steps (decode time per round over decode time per target-alone step; speed-up ~ tau / c), and tau.
+The target is SmolLM2-135M-Instruct (``targets.smollm2_target()``, or ``--target-path``); drafters come from
+Lightning checkpoints (``--ckpt``, several for a side-by-side, read without unpickling anything foreign) or
+untrained DSparks of the SmolLM2 recipe's shape (round costs only). Prompts are the first turns of a shipped suite
+under the chat template. For every batch size, temperature and engine mode, the target alone and every (drafter,
+policy) decode the same prompts, in turns; a row gives tokens/s (prefill included), the speed-up over the target
+alone in the same mode, the round cost ``c`` in target steps (decode time per round over decode time per target-
+alone step; speed-up ~ tau / c), and tau.
 ``--json`` writes the same table.
 
 ``--profile`` splits a batch-1 round of the first drafter into draft, verify (target forward), accept/commit and host
