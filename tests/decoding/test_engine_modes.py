@@ -32,7 +32,8 @@ def test_fused_and_split_rounds_decode_the_same_tokens_and_records(target64, nam
     apart) agree exactly, greedy and sampled with top-p; only split rounds measure the draft/verify split."""
     drafter = _drafter(name, make_drafter, tiny_target_config)
     fused, split = SpeculativeEngine(target64, drafter), SpeculativeEngine(target64, drafter, time_phases=True)
-    assert fused.fused and not split.fused
+    width = 1 + (fused.gamma if drafter is not None else 0)
+    assert fused.fused_width(len(PROMPTS)) == width and split.fused_width(len(PROMPTS)) is None
     for kwargs in ({}, SAMPLED):
         want, got = split.generate(PROMPTS, max_new_tokens=NEW, **kwargs), fused.generate(PROMPTS, max_new_tokens=NEW,
                                                                                          **kwargs)
@@ -111,7 +112,7 @@ def test_a_fused_round_never_reads_back_to_the_host(target64, name, make_drafter
         engine = _graphed_on_cpu(SpeculativeEngine(target64, drafter), monkeypatch)
         got = engine.generate(PROMPTS, max_new_tokens=NEW, **kwargs)
         assert got.tokens == want.tokens and records(got) == records(want), (name, kwargs)
-        assert set(engine._state.graphs) == {"round"}
+        assert set(engine._state.graphs) == {f"round/{engine.gamma + 1}"}
     if drafter is not None:  # the draft context holds what the target committed: prompt (less the anchor) + rounds
         r = got.rounds
         want_lengths = [len(p) - 1 + int((r.accepted[r.request == i] + 1).sum()) for i, p in enumerate(PROMPTS)]
@@ -136,6 +137,19 @@ def test_split_rounds_verify_the_width_the_policy_asks_one_graph_each(target64, 
     widths = {int(key.split("/")[1]) for key in engine._state.graphs if key.startswith("verify/")}
     assert widths == set(round_widths(got.rounds)) and len(widths) > 1 and "draft" in engine._state.graphs
     assert len(set(got.rounds.proposal_length.tolist())) > 1  # the policy did vary the verify length
+
+
+def test_a_scheduler_on_a_flat_table_runs_fused_rounds_that_verify_everything(target64, make_drafter,
+                                                                             tiny_target_config):
+    """Where verifying every draft costs no more than verifying none, the prefix scheduler's rounds are fused: the
+    fixed-length engine's tokens and records; on a steep table it decides per round (split)."""
+    drafter = make_drafter("dspark-vanilla", tiny_target_config())
+    flat = SpeculativeEngine(target64, drafter, policy=PrefixScheduler(SpsTable([1, 64], [100.0, 99.0])))
+    steep = SpeculativeEngine(target64, drafter, policy=PrefixScheduler(SpsTable([4, 8, 16], [1.0, 1.0, 0.8])))
+    assert flat.fused_width(len(PROMPTS)) == flat.gamma + 1 and steep.fused_width(len(PROMPTS)) is None
+    want = SpeculativeEngine(target64, drafter).generate(PROMPTS, max_new_tokens=NEW)
+    got = flat.generate(PROMPTS, max_new_tokens=NEW)
+    assert got.tokens == want.tokens and records(got) == records(want)
 
 
 def test_compiled_passes_decode_what_the_plain_engine_decodes(target64, make_drafter, tiny_target_config):
@@ -188,8 +202,9 @@ def test_cuda_graphs_decode_what_the_eager_engine_decodes(name, make_drafter, ti
             want = eager.generate(prompts, max_new_tokens=NEW, **kwargs)
             got = graphed.generate(prompts, max_new_tokens=NEW, **kwargs)
             assert got.tokens == want.tokens and records(got) == records(want), (name, call, kwargs)
-            assert set(graphed._state.graphs) == {"round"}
-            captured.append(graphed._state.graphs["round"])
+            name = f"round/{graphed.gamma + 1}"
+            assert set(graphed._state.graphs) == {name}
+            captured.append(graphed._state.graphs[name])
         assert captured[1] is captured[0] and captured[2] is not captured[0]
 
 
