@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed turns per row (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", default=["graphs"], choices=list(ENGINE_MODES))
+    parser.add_argument("--target-only", action="store_true", help="time the target alone (e.g. regen throughput)")
     parser.add_argument("--hf", action="store_true", help="also time HF generate, eager and static-cache compiled")
     parser.add_argument("--hf-batch-sizes", type=int, nargs="*", default=None,
                         help="batch sizes HF generate is timed at (default: all; its compile is per shape)")
@@ -256,7 +257,7 @@ def main() -> None:
                           seed=args.seed, top_p=args.top_p if temperature > 0 else 1.0)
             for mode in args.modes:
                 engines = {("target", None): SpeculativeEngine(target, None, **ENGINE_MODES[mode])}
-                for name, drafter in drafters.items():
+                for name, drafter in ({} if args.target_only else drafters).items():
                     for policy in args.policies:
                         engines[name, policy] = SpeculativeEngine(
                             target, drafter, gamma=args.gamma, **ENGINE_MODES[mode],
@@ -264,6 +265,12 @@ def main() -> None:
                 result = timed_turns(engines, prompts, kwargs, args.repeats)
                 base = result["target", None]
                 base_tps = base.num_tokens / base.seconds
+                if args.target_only:
+                    rows.append(dict(batch=batch, temperature=temperature, top_p=kwargs["top_p"], mode=mode,
+                                     drafter="target alone", target_tokens_per_second=base_tps,
+                                     tokens=base.num_tokens, seconds=base.seconds, card=card))
+                    print(f"| {batch} | {temperature:g} | {mode} | target alone | - | {base_tps:.1f} | | | | | |",
+                          flush=True)
                 for (name, policy), out in result.items():
                     if name == "target":
                         continue
