@@ -16,7 +16,16 @@ import yaml
 from . import attached, deepspec, hf, sglang
 from .card import CardInputs, load_calibration, load_report, render
 from .checkpoint import TrainedDrafter, base_model_of, plain, read_checkpoint
-from .fileio import SAFE_WEIGHTS, cast_floating, check_output, save_tensors, staged_directory, torch_dtype, write_json
+from .fileio import (
+    SAFE_WEIGHTS,
+    cast_floating,
+    check_output,
+    read_json,
+    save_tensors,
+    staged_directory,
+    torch_dtype,
+    write_json,
+)
 
 FORMATS = ("hf", "deepspec", "sglang", "attached")
 CALIBRATION_FILE = "calibration.json"
@@ -154,6 +163,9 @@ def _write_extras(trained: TrainedDrafter, stage: Path, card_dir: Path, inputs: 
         shutil.copyfile(report, card_dir / f"{prefix}{REPORT_FILE}")
     training = trained.training_config or yaml.safe_dump(plain(trained.hyper_parameters), sort_keys=False)
     (card_dir / f"{prefix}{TRAINING_CONFIG_FILE}").write_text(training, encoding="utf-8")
+    if fmt in ("sglang", "attached"):  # the dtype SGLang serves: what the config.json it reads records
+        served = read_json(card_dir / "config.json")
+        inputs.dtype = served.get("dtype") or served.get("torch_dtype")
     if bundled:
         inputs.files = attached.bundled_files(stage)
     else:
