@@ -61,9 +61,9 @@ def export_checkpoint(
         report: a ``validate`` report.json whose tau table goes into the model card.
         target_dir: the target's HF model directory. Required for ``attached``; otherwise it replaces the target
             config recorded in the checkpoint (geometry is checked against it).
-        attached_layout: ``subfolder`` (``dspark/`` with its own config, any target) or ``bundled`` (draft tensors
-            in the target's safetensors index, ``dspark_*`` config keys). Default: ``subfolder``, and ``bundled``
-            for a ``dspark_v4`` drafter (the only layout SGLang serves for DeepSeek-V4).
+        attached_layout: ``subfolder`` (``dspark/`` with its own config; Qwen3/Llama targets) or ``bundled`` (draft
+            tensors in the target's safetensors index, ``dspark_*`` config keys; DeepSeek-V4 only, the one target
+            SGLang 0.5.23 serves a bundled draft for). Default: ``subfolder``, and ``bundled`` for ``dspark_v4``.
         flavour: how an attached draft is named inside the target: ``generic`` (Qwen3/Llama targets, ``dspark.*``)
             or ``deepseek_v4`` (``dspark_v4`` drafters as the official ``mtp.<stage>.*`` tensors of a DeepSeek-V4
             checkpoint). Default: chosen by the drafter's algorithm.
