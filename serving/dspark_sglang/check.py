@@ -762,7 +762,7 @@ def check_sps_with_sglang(path: Path, report: Report) -> None:
         table = load_sps_table_from_path(str(path))
     except Exception as e:  # noqa: BLE001 - msgspec.ValidationError / ValueError
         hint = (" It is in dspark_lightning's own format: write it with `python -m dspark_lightning profile-sps ... "
-                "--format sglang`." if "num_tokens" in path.read_text() else "")
+                "--format sglang`." if path.is_file() and "num_tokens" in path.read_text() else "")
         report.problem(f"SGLang cannot load the SPS table {path}: {type(e).__name__}: {e}.{hint}")
         return
     probes = getattr(table, "sample_batch_tokens", None)
