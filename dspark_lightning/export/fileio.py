@@ -57,7 +57,16 @@ def save_tensors(tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[st
         seen.add(key)
         out[name] = t
     save_file(out, str(path), metadata={"format": "pt", **dict(metadata or {})})
+    # safetensors writes through a private (0600) temporary file; give the file the mode open() would, as Hub
+    # downloads have (huggingface_hub applies the umask too), so another user can serve the export.
+    os.chmod(path, 0o666 & ~_umask())
     return sum(t.numel() * t.element_size() for t in out.values())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_tensors(path: Path, names: list[str] | None = None) -> dict[str, Tensor]:

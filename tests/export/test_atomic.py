@@ -62,3 +62,27 @@ def test_existing_output_needs_overwrite_and_must_look_like_an_export(checkpoint
         export_checkpoint(ckpt=str(checkpoints["dspark_vanilla"]), format="sglang", out=str(precious),
                           overwrite=True)
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "attached"])
+def test_exported_files_get_the_mode_of_a_new_file(fmt, checkpoints, tiny_target_dir, tmp_path):
+    """safetensors writes through a 0600 temporary file; the export's files must be readable by the user who
+    serves them, as a Hub download is (0644 under the usual umask 022)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        kw = {"target_dir": str(tiny_target_dir)} if fmt == "attached" else {}
+        out = tmp_path / "drafter"
+        export_checkpoint(ckpt=str(checkpoints["dspark_vanilla"]), format=fmt, out=str(out), **kw)
+        os.umask(0o027)  # a stricter umask is honoured too
+        strict = tmp_path / "strict"
+        export_checkpoint(ckpt=str(checkpoints["dspark_vanilla"]), format="sglang", out=str(strict))
+    finally:
+        os.umask(old)
+    weights = out / ("dspark" if fmt == "attached" else "") / "model.safetensors"
+    written = [p for p in out.rglob("*") if p.is_file() and p.stat().st_nlink == 1]  # not the linked target files
+    assert weights in written and len(written) >= 4
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: "0o644" for p in written}
+    assert oct(stat.S_IMODE((strict / "model.safetensors").stat().st_mode)) == "0o640"
