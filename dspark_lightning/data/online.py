@@ -7,6 +7,8 @@ Both modules yield the batch contract of DESIGN.md without target states: ``inpu
 from __future__ import annotations
 
 import random
+import re
+from typing import Any
 
 import lightning as L
 import torch
@@ -30,6 +32,29 @@ def collate_tokens(samples: list[dict[str, Tensor]], pad_id: int = 0) -> dict[st
         loss_mask[i, :n] = s["loss_mask"]
         attention_mask[i, :n] = True
     return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
+
+
+def split_by_group(groups: list[Any], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Sample indices for training and validation: whole groups go to one side (the answers to one prompt never
+    straddle the split, so the validation loss is never computed on a training prompt), ``val_fraction`` of the
+    groups to validation, chosen by a seeded shuffle. With one sample per group this is the plain shuffled split."""
+    members: dict[Any, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    keys = list(members)
+    order = list(range(len(keys)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(val_fraction * len(keys)))
+    pick = lambda chosen: [i for k in chosen for i in members[keys[k]]]  # noqa: E731
+    return pick(order[n_val:]), pick(order[:n_val])
+
+
+def prompt_group(row: dict[str, Any]) -> str:
+    """The prompt a conversation answers: its ``prompt_id`` (``regen`` writes one), else its id less the
+    ``-s<k>`` suffix ``regen`` gives the samples of one prompt."""
+    if "prompt_id" in row:
+        return str(row["prompt_id"])
+    return re.sub(r"-s\d+$", "", str(row["id"]))
 
 
 class _ListDataset(Dataset):
@@ -56,16 +81,15 @@ class _TokenDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.pad_id = 0
+        self.sample_groups: list[Any] | None = None  # per sample: what it shares with others (its prompt)
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
         samples = self._make_samples()
-        order = list(range(len(samples)))
-        random.Random(self.seed).shuffle(order)
-        n_val = int(round(self.val_fraction * len(samples)))
-        self.val_set = _ListDataset([samples[i] for i in order[:n_val]])
-        self.train_set = _ListDataset([samples[i] for i in order[n_val:]])
+        train, val = split_by_group(self.sample_groups or list(range(len(samples))), self.val_fraction, self.seed)
+        self.val_set = _ListDataset([samples[i] for i in val])
+        self.train_set = _ListDataset([samples[i] for i in train])
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
@@ -81,6 +105,8 @@ class _TokenDataModule(L.LightningDataModule):
 
 class ConversationsDataModule(_TokenDataModule):
     """Conversations JSONL ``{id, conversations: [{role, content}]}`` tokenised with the target's chat template.
+
+    The validation split holds whole prompts: the answers to one prompt (:func:`prompt_group`) are all on one side.
 
     Args:
         target: the target whose tokenizer and chat template are used (linked from ``model.target``).
@@ -105,12 +131,13 @@ class ConversationsDataModule(_TokenDataModule):
         tokenizer = load_tokenizer(self.target)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         rows = read_conversations(self.path)[: self.max_samples]
-        samples = []
+        samples, self.sample_groups = [], []
         for row in rows:
             ids, mask = tokenize_conversation(tokenizer, row["conversations"], max_length=self.max_length,
                                               system_prompt=self.system_prompt)
             if mask[1:].any():
                 samples.append({"input_ids": ids, "loss_mask": mask})
+                self.sample_groups.append(prompt_group(row))
         return samples
 
 
