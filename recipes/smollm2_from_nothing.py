@@ -145,7 +145,7 @@ def given_job(plan: Plan) -> Job:
     prompts = plan.data / "given_prompts" / "shard0.jsonl"
     out = plan.data / "given.jsonl"
     config = plan.write_config("regen_given", {**_regen_common(plan), "num_samples": given["num_samples"],
-                                               "seed": plan.cfg["seed"]})
+                                               "max_prompts": given.get("max_prompts"), "seed": plan.cfg["seed"]})
 
     def setup() -> None:
         if not prompts.exists():
@@ -156,7 +156,7 @@ def given_job(plan: Plan) -> Job:
 
     def done() -> bool:
         dropped = len(jsonl(out.with_name(out.name + ".dropped.jsonl")))
-        expected = (len(jsonl(prompts)) - dropped) * given["num_samples"]
+        expected = (min(len(jsonl(prompts)), given.get("max_prompts") or 10**12) - dropped) * given["num_samples"]
         return prompts.exists() and len({r["id"] for r in jsonl(out)}) >= expected
 
     return Job("given", plan.module("regen", str(prompts), str(out), "--config", str(config)), done=done,
@@ -226,7 +226,8 @@ def fit_jobs(plan: Plan) -> list[Job]:
                         "num_sanity_val_steps": 0, "enable_progress_bar": False, "default_root_dir": str(root),
                         "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                        "init_args": {"save_last": True, "every_n_train_steps": fit["ckpt_every"],
-                                                     "save_on_exception": True}}]},  # SIGINT at the deadline
+                                                     "save_on_exception": True}}],  # SIGINT at the deadline
+                        **plan.cfg.get("trainer", {})},
         }
         config = plan.write_config(f"fit_{name}", overlay)
         last = root / "checkpoints" / "last.ckpt"
@@ -253,7 +254,7 @@ def validate_jobs(plan: Plan) -> list[Job]:
                                                      "output_dir": str(out)}}},
                 "data": {"init_args": {"max_samples": val["max_samples"], "max_new_tokens": val["max_new_tokens"],
                                        "batch_size": val["batch_size"]}},
-                "trainer": {"default_root_dir": str(root), "enable_progress_bar": False},
+                "trainer": {"default_root_dir": str(root), "enable_progress_bar": False, **plan.cfg.get("trainer", {})},
             }
             config = plan.write_config(f"validate_{name}_T{float(temperature)}", overlay)
             argv = plan.module("validate", "--config", str(REPO / spec["config"]), "--config",

@@ -72,8 +72,9 @@ def tables(reports: dict[tuple[str, str, str], dict]) -> str:
 def conditional_macro(report: dict, positions: int) -> list[float]:
     out = []
     for k in range(positions):
-        vals = [s["conditional_accept"][k] for s in report["suites"].values()
-                if k < len(s["conditional_accept"]) and not math.isnan(s["conditional_accept"][k])]
+        vals = [s["conditional_accept"][k] for s in report["suites"].values()  # None/NaN: no round got that far
+                if k < len(s["conditional_accept"]) and s["conditional_accept"][k] is not None
+                and not math.isnan(s["conditional_accept"][k])]
         out.append(statistics.mean(vals) if vals else math.nan)
     return out
 
