@@ -42,6 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("regen", "merge", "fit", "validate", "report")
 GRACE_S = 15  # between SIGINT and SIGKILL at the deadline
+HEARTBEAT_S = 60  # a status line this often
 MARGIN_S = 30  # a regen job is told to stop this long before the deadline (its last round and the copy-back)
 
 
@@ -55,6 +56,7 @@ class Job:
     time_limit: bool = False  # append --time_limit_s <seconds to the deadline - MARGIN_S>
     after: Callable[[], None] = lambda: None  # on exit 0
     setup: Callable[[], None] = lambda: None  # before the first start (e.g. the prompts file)
+    progress: Callable[[], str] = lambda: ""  # a status line while it runs
 
 
 @dataclass
@@ -131,7 +133,9 @@ def synthesis_jobs(plan: Plan) -> list[Job]:
                 "seed": plan.cfg["seed"] * 1000 + s * 100 + k,
                 "synthesis": {**syn["prompt"], "system_prompt": source.get("system_prompt")}})
             jobs.append(Job(name, plan.module("regen", "synthesise", str(out), "--config", str(config)),
-                            done=lambda out=out, budget=budget: synthesised_tokens(out) >= budget, time_limit=True))
+                            done=lambda out=out, budget=budget: synthesised_tokens(out) >= budget, time_limit=True,
+                            progress=lambda out=out, budget=budget: f"{synthesised_tokens(out):,} of {budget:,} "
+                                                                    f"answer tokens"))
     return jobs
 
 
@@ -154,13 +158,17 @@ def given_job(plan: Plan) -> Job:
                             str(given["max_prompt_tokens"]), "--group", str(plan.cfg["regen"]["batch_size"])],
                            check=True)
 
-    def done() -> bool:
+    def counts() -> tuple[int, int]:
         dropped = len(jsonl(out.with_name(out.name + ".dropped.jsonl")))
         expected = (min(len(jsonl(prompts)), given.get("max_prompts") or 10**12) - dropped) * given["num_samples"]
-        return prompts.exists() and len({r["id"] for r in jsonl(out)}) >= expected
+        return len({r["id"] for r in jsonl(out)}), expected
+
+    def done() -> bool:
+        written, expected = counts()
+        return prompts.exists() and written >= expected
 
     return Job("given", plan.module("regen", str(prompts), str(out), "--config", str(config)), done=done,
-               time_limit=True, setup=setup)
+               time_limit=True, setup=setup, progress=lambda: "{:,} of {:,} conversations".format(*counts()))
 
 
 def _regen_common(plan: Plan) -> dict[str, Any]:
@@ -303,7 +311,12 @@ def run_jobs(plan: Plan, stage: str, jobs: list[Job], parallel: int) -> bool:
     logs.mkdir(parents=True, exist_ok=True)
     running: list[tuple[Job, subprocess.Popen, Any]] = []
     queue = list(pending)
+    heartbeat = time.monotonic()
     while queue or running:
+        if time.monotonic() - heartbeat >= HEARTBEAT_S:
+            heartbeat = time.monotonic()
+            status = "; ".join(f"{j.name} {j.progress()}".strip() for j, _, _ in running)
+            print(f"-- {stage} at {time.monotonic() - started:.0f} s ({plan.left():.0f} s left): {status}", flush=True)
         while queue and len(running) < parallel and plan.left() > min_s:
             job = queue.pop(0)
             job.setup()
