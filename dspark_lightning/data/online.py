@@ -6,9 +6,14 @@ Both modules yield the batch contract of DESIGN.md without target states: ``inpu
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import random
+import re
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -30,6 +35,29 @@ def collate_tokens(samples: list[dict[str, Tensor]], pad_id: int = 0) -> dict[st
         loss_mask[i, :n] = s["loss_mask"]
         attention_mask[i, :n] = True
     return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
+
+
+def split_by_group(groups: list[Any], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Sample indices for training and validation: whole groups go to one side (the answers to one prompt never
+    straddle the split, so the validation loss is never computed on a training prompt), ``val_fraction`` of the
+    groups to validation, chosen by a seeded shuffle. With one sample per group this is the plain shuffled split."""
+    members: dict[Any, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    keys = list(members)
+    order = list(range(len(keys)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(val_fraction * len(keys)))
+    pick = lambda chosen: [i for k in chosen for i in members[keys[k]]]  # noqa: E731
+    return pick(order[n_val:]), pick(order[:n_val])
+
+
+def prompt_group(row: dict[str, Any]) -> str:
+    """The prompt a conversation answers: its ``prompt_id`` (``regen`` writes one), else its id less the
+    ``-s<k>`` suffix ``regen`` gives the samples of one prompt."""
+    if "prompt_id" in row:
+        return str(row["prompt_id"])
+    return re.sub(r"-s\d+$", "", str(row["id"]))
 
 
 class _ListDataset(Dataset):
@@ -56,16 +84,15 @@ class _TokenDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.pad_id = 0
+        self.sample_groups: list[Any] | None = None  # per sample: what it shares with others (its prompt)
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
         samples = self._make_samples()
-        order = list(range(len(samples)))
-        random.Random(self.seed).shuffle(order)
-        n_val = int(round(self.val_fraction * len(samples)))
-        self.val_set = _ListDataset([samples[i] for i in order[:n_val]])
-        self.train_set = _ListDataset([samples[i] for i in order[n_val:]])
+        train, val = split_by_group(self.sample_groups or list(range(len(samples))), self.val_fraction, self.seed)
+        self.val_set = _ListDataset([samples[i] for i in val])
+        self.train_set = _ListDataset([samples[i] for i in train])
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
@@ -82,6 +109,8 @@ class _TokenDataModule(L.LightningDataModule):
 class ConversationsDataModule(_TokenDataModule):
     """Conversations JSONL ``{id, conversations: [{role, content}]}`` tokenised with the target's chat template.
 
+    The validation split holds whole prompts: the answers to one prompt (:func:`prompt_group`) are all on one side.
+
     Args:
         target: the target whose tokenizer and chat template are used (linked from ``model.target``).
         path: a JSONL file, or ``builtin:<name>`` for a set shipped with the package (``builtin:smollm2_demo``).
@@ -89,29 +118,60 @@ class ConversationsDataModule(_TokenDataModule):
         max_samples: use at most this many conversations (None = all).
         system_prompt: prepended as a system message when the conversation has none.
         batch_size, val_fraction, num_workers, seed: loader settings.
+        tokenize_workers: processes that tokenise the conversations at set-up (0: this process); tens of thousands
+            of regenerated conversations take a minute in one process.
     """
 
     def __init__(self, target: TargetConfig | None = None, path: str = "builtin:smollm2_demo", max_length: int = 2048,
                  max_samples: int | None = None, system_prompt: str | None = None, batch_size: int = 4,
-                 val_fraction: float = 0.05, num_workers: int = 0, seed: int = 0) -> None:
+                 val_fraction: float = 0.05, num_workers: int = 0, seed: int = 0, tokenize_workers: int = 0) -> None:
         super().__init__(batch_size, val_fraction, num_workers, seed)
         if target is None:
             raise ValueError("ConversationsDataModule needs the target (for its tokenizer): set data.target "
                              "or link it from model.target.")
+        if tokenize_workers < 0:
+            raise ValueError(f"tokenize_workers={tokenize_workers} must be >= 0.")
         self.target, self.path, self.max_length = target, path, max_length
-        self.max_samples, self.system_prompt = max_samples, system_prompt
+        self.max_samples, self.system_prompt, self.tokenize_workers = max_samples, system_prompt, tokenize_workers
 
     def _make_samples(self) -> list[dict[str, Tensor]]:
         tokenizer = load_tokenizer(self.target)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         rows = read_conversations(self.path)[: self.max_samples]
-        samples = []
-        for row in rows:
-            ids, mask = tokenize_conversation(tokenizer, row["conversations"], max_length=self.max_length,
-                                              system_prompt=self.system_prompt)
+        tokenized = tokenize_rows(tokenizer, [row["conversations"] for row in rows], self.max_length,
+                                  self.system_prompt, self.tokenize_workers)
+        samples, self.sample_groups = [], []
+        for row, (ids, mask) in zip(rows, tokenized):
             if mask[1:].any():
                 samples.append({"input_ids": ids, "loss_mask": mask})
+                self.sample_groups.append(prompt_group(row))
         return samples
+
+
+_FORKED: dict[str, Any] = {}  # what forked tokenising workers inherit (the tokenizer is not sent to them)
+
+
+def _tokenize_forked(messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    ids, mask = tokenize_conversation(_FORKED["tokenizer"], messages, max_length=_FORKED["max_length"],
+                                      system_prompt=_FORKED["system_prompt"])
+    return ids.numpy(), mask.numpy()  # numpy crosses the pipe as bytes (tensors would go through shared memory)
+
+
+def tokenize_rows(tokenizer: Any, conversations: list[list[dict[str, str]]], max_length: int,
+                  system_prompt: str | None = None, workers: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """:func:`~.conversations.tokenize_conversation` of every conversation, in order, in ``workers`` forked
+    processes when more than one (Linux; elsewhere, or with fewer, in this process)."""
+    if workers <= 1 or len(conversations) < 2 * workers or "fork" not in mp.get_all_start_methods():
+        return [tokenize_conversation(tokenizer, m, max_length=max_length, system_prompt=system_prompt)
+                for m in conversations]
+    _FORKED.update(tokenizer=tokenizer, max_length=max_length, system_prompt=system_prompt)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            chunk = max(1, len(conversations) // (8 * workers))
+            return [(torch.from_numpy(ids), torch.from_numpy(mask))
+                    for ids, mask in pool.map(_tokenize_forked, conversations, chunksize=chunk)]
+    finally:
+        _FORKED.clear()
 
 
 class RandomTokensDataModule(_TokenDataModule):
