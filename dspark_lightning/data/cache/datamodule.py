@@ -284,10 +284,12 @@ class TargetCacheDataModule(L.LightningDataModule):
         val_shards: the last ``val_shards`` shards of the manifest are the validation set.
         val_fraction: ... or this fraction of them (rounded, at least 1 when > 0); 0 and 0 = no validation.
         skip_corrupt: skip (and count and log) corrupt samples and truncated shards instead of raising.
-        verify_sha256: hash every shard while streaming and raise if it differs from the manifest.
+        verify_sha256: check each shard's size and sha256 against the manifest before any of its samples is used
+            (the shard is copied to memory, or a temp file beyond 256 MiB, hashed, then read from the copy); a
+            mismatch raises, or skips the whole shard with ``skip_corrupt``. Costs docs/cache.md §6 measures.
         seed: seed of shard order, shuffle buffers and anchors.
-        shard_url: template for shard URLs with ``{name}`` (and ``{path}``), e.g.
-            ``"pipe:aws s3 cp s3://bucket/cache/{name} -"``; default ``<path>/<name>``.
+        shard_url: template for shard URLs with ``{name}`` (and ``{path}``), any fsspec URL, e.g.
+            ``"s3://other-bucket/cache/{name}"``; default ``<path>/<name>``. ``pipe:`` (shell) URLs are refused.
         num_anchors: anchors per sample; default the trainer module's ``drafter_config.num_anchors`` (none for
             Eagle3). Without a trainer and without this, batches carry no anchors.
         target_layer_ids: expected layer ids when no trainer module provides a drafter config.
@@ -318,7 +320,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         val_shards: int = 0,
         val_fraction: float = 0.0,
         skip_corrupt: bool = False,
-        verify_sha256: bool = False,
+        verify_sha256: bool = True,
         seed: int = 0,
         shard_url: str | None = None,
         num_anchors: int | None = None,
