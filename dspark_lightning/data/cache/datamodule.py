@@ -21,7 +21,6 @@ The stream is a pure function of ``(seed, epoch, rank, position)``, which is wha
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import logging
@@ -37,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ...drafters.blocks import sample_anchors
 from ...targets import TargetConfig
-from ..online import collate_tokens
+from ..online import collate_tokens, stable_seed
 from .format import CacheError, decode_sample, dequantize_fp8, read_manifest, tokenizer_hash
 from .reader import SkipLog, iter_shard, shard_urls
 
@@ -46,9 +45,7 @@ _HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
                   "float64": torch.float64}
 
 
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of values (stable across processes, unlike ``hash``)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+_seed = stable_seed
 
 
 # ---------------------------------------------------------------------- the worker side
