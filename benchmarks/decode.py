@@ -26,6 +26,7 @@ from dspark_lightning.decoding import SpeculativeEngine, SpsTable, build_policy,
 from dspark_lightning.decoding.sps import profile_sps
 from dspark_lightning.drafters import DrafterConfig
 from dspark_lightning.eval.suites import load_suites
+from dspark_lightning.modules.checkpoints import load_checkpoint
 from dspark_lightning.modules.drafter_module import build_drafter
 from dspark_lightning.targets import FrozenTarget, TargetConfig, load_target_config, smollm2_target
 
@@ -57,7 +58,7 @@ def load_drafter(ckpt: str | None, target_cfg: TargetConfig, target: FrozenTarge
             drafter.embed_tokens.weight.copy_(target.embed_weight)
             drafter.lm_head.weight.copy_(target.lm_head_weight)
     else:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt)  # weights_only=True, our config classes allowed
         raw = state["hyper_parameters"]["drafter"]
         config = raw if isinstance(raw, DrafterConfig) else DrafterConfig.from_dict(dict(raw))
         drafter = build_drafter(config.resolve(hf))
@@ -153,7 +154,7 @@ def main() -> None:
     hf = load_target_config(target_cfg)
     layer_ids = UNTRAINED["target_layer_ids"]
     if args.ckpt is not None:
-        raw = torch.load(args.ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["drafter"]
+        raw = load_checkpoint(args.ckpt)["hyper_parameters"]["drafter"]
         layer_ids = list(raw.target_layer_ids if isinstance(raw, DrafterConfig) else raw["target_layer_ids"])
     target = FrozenTarget.from_config(target_cfg, layer_ids, device=device)
     drafter = load_drafter(args.ckpt, target_cfg, target, device)

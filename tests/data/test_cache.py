@@ -430,8 +430,8 @@ def test_fit_resumed_from_last_ckpt_trains_on_the_uninterrupted_stream(tokens_ca
                                                          every_n_train_steps=5)
         trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[recorder, checkpoint], num_sanity_val_steps=0)
-        # weights_only=False: our own checkpoint, whose hparams hold config dataclasses (the CLI saves dicts).
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=False)
+        # weights_only=True: the config dataclasses in the hparams are on torch's safe list (modules/checkpoints.py).
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
         assert data.batches_per_epoch == 12
         return recorder
 
