@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -70,18 +70,37 @@ def save_tensors(tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[st
 
 def load_tensors(path: Path, names: list[str] | None = None) -> dict[str, Tensor]:
     """Tensors of one safetensors file (all, or ``names``), on CPU."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path) as f:
         return {name: f.get_tensor(name) for name in (names if names is not None else f.keys())}
 
 
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open`` on the CPU, with errors that name the file (safetensors' own do not).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a truncated or corrupt file (its header does not describe its bytes).
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist: the export is incomplete. Export it again.")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a complete safetensors file ({err}; {Path(path).stat().st_size} bytes): "
+                         f"it was truncated or corrupted. Export it again.") from None
+    with handle as f:
+        yield f
+
+
 def tensor_names(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path) as f:
         return list(f.keys())
 
 
 def tensor_nbytes(path: Path) -> dict[str, int]:
     """Bytes of each tensor of a safetensors file, from its header (no data is read)."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path) as f:
         sizes = {}
         for name in f.keys():
             sl = f.get_slice(name)
