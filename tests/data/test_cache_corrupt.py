@@ -132,6 +132,17 @@ def test_sha256_mismatch(cache, caplog):
     assert sum(int(b["cache_skipped"]) for b in batches) >= 1 and "shard-00-00000.tar" in caplog.text
 
 
+def test_shards_past_the_memory_limit_are_checked_through_a_temp_file(cache, monkeypatch):
+    monkeypatch.setattr(reader, "SPOOL_BYTES", 1024)  # every shard (20 KiB) now goes to a temporary file
+    assert sum(len(b["cache_keys"]) for b in epoch(cache, verify_sha256=True)) == 12
+    shard = cache / "shard-00-00001.tar"
+    data = bytearray(shard.read_bytes())
+    data[-2000] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"shard-00-00001\.tar: 20480 bytes with sha256 .* but the manifest"):
+        epoch(cache, verify_sha256=True)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_in_hidden_states(cache, bad):
     shard = cache / "shard-00-00001.tar"

@@ -11,6 +11,7 @@ cache's directory.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -89,18 +90,25 @@ def verified_copy(url: str, shard: dict[str, Any]) -> BinaryIO:
 
 def _copy_and_check(url: str, shard: dict[str, Any]) -> tuple[BinaryIO, str | None]:
     """The shard copied (see :func:`verified_copy`) and rewound, with the size/sha256 mismatch message or None."""
-    sha, nbytes = hashlib.sha256(), 0
-    copy = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
-    try:
-        with open_shard(url) as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha.update(block)
-                nbytes += len(block)
-                copy.write(block)
-    except BaseException:
-        copy.close()
-        raise
-    copy.seek(0)
+    sha = hashlib.sha256()
+    with open_shard(url) as f:
+        if shard.get("bytes", SPOOL_BYTES + 1) <= SPOOL_BYTES:
+            data = f.read(SPOOL_BYTES + 1)  # one read, hashed in place; BytesIO shares the buffer (no second copy)
+            sha.update(data)
+            copy: BinaryIO = io.BytesIO(data)
+            nbytes = len(data) + sum(len(block) for block in iter(lambda: f.read(1 << 20), b""))
+        else:
+            copy = tempfile.TemporaryFile()
+            nbytes = 0
+            try:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+                    nbytes += len(block)
+                    copy.write(block)
+            except BaseException:
+                copy.close()
+                raise
+            copy.seek(0)
     if nbytes == shard["bytes"] and sha.hexdigest() == shard["sha256"]:
         return copy, None
     return copy, (f"shard {url}: {nbytes} bytes with sha256 {sha.hexdigest()}, but the manifest records "
