@@ -8,8 +8,9 @@
   downloads any URL to a local file first (:func:`fetch_checkpoint`) and hands Lightning that file.
 * **Fit.** :func:`check_checkpoint_fits` refuses a checkpoint whose drafter (algorithm, geometry, heads, target)
   differs from the one configured, naming both, before its weights are loaded.
-* **last.ckpt is the newest.** :class:`NewestLastCheckpoint` writes ``last.ckpt`` before the top-k copy of each save
-  and overwrites a ``last.ckpt`` a previous run left instead of writing ``last-v1.ckpt`` beside it.
+* **last.ckpt is the newest.** :class:`NewestLastCheckpoint` writes ``last.ckpt`` first at each save point and makes
+  the top-k file a hard link to it, and replaces a ``last.ckpt`` a previous run left instead of writing
+  ``last-v1.ckpt`` beside it.
 """
 
 from __future__ import annotations
