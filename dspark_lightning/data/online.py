@@ -90,22 +90,27 @@ class _Collate:
         return batch
 
 
-class _EpochLoader:
-    """What ``train_dataloader`` returns: one epoch of batches per ``iter``, continued where a resume left off."""
+class EpochLoader:
+    """Base of what the DataModules' ``train_dataloader`` return: one epoch of batches per ``iter``, of a fixed
+    length, whose stream position lives in the DataModule (``dm.state_dict()``)."""
 
-    def __init__(self, dm: _TokenDataModule) -> None:
+    def __init__(self, dm: Any) -> None:
         self.dm = dm
 
     def __len__(self) -> int:
         return self.dm.batches_per_epoch
 
-    # Lightning saves and restores a train loader that has these; the position lives in the DataModule, so both
-    # paths (the loader's state in the loops, the DataModule's own entry) carry the same state.
+    # Lightning saves and restores a train loader that has these (and warns on mid-epoch resume otherwise); the
+    # position lives in the DataModule, so both paths (the loops' state, the DataModule's entry) carry the same state.
     def state_dict(self) -> dict[str, Any]:
         return self.dm.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.dm.load_state_dict(state_dict)
+
+
+class _EpochLoader(EpochLoader):
+    """The online train loader: this epoch's permutation, from where a resume left off."""
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         dm = self.dm

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ...drafters.blocks import sample_anchors
 from ...targets import TargetConfig
-from ..online import collate_tokens, stable_seed
+from ..online import EpochLoader, collate_tokens, stable_seed
 from .format import CacheError, decode_sample, dequantize_fp8, read_manifest, tokenizer_hash
 from .reader import SkipLog, iter_shard, shard_urls
 
@@ -222,23 +222,13 @@ def _batch_sizes(samples: int, batch_size: int) -> list[int]:
     return [batch_size] * full + ([rest] if rest else [])
 
 
-class _EpochLoader:
+class _EpochLoader(EpochLoader):
     """What ``train_dataloader`` returns: an iterable of batches with a fixed length per epoch."""
 
     def __init__(self, dm: TargetCacheDataModule, dataset: _CacheStream) -> None:
         # Not `.dataset`: Lightning would warn about a sized IterableDataset, which this wrapper handles.
-        self.dm, self._stream = dm, dataset
-
-    def __len__(self) -> int:
-        return self.dm.batches_per_epoch
-
-    # Lightning saves and restores a train loader that has these (and warns on mid-epoch resume otherwise); the
-    # position lives in the DataModule, so both paths carry the same state.
-    def state_dict(self) -> dict[str, Any]:
-        return self.dm.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.dm.load_state_dict(state_dict)
+        super().__init__(dm)
+        self._stream = dataset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dm = self.dm
