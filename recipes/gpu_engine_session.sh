@@ -53,12 +53,13 @@ case "${1:-}" in
   final)  # train and decode in one call (carry .device/wheels .device/p2)
     bash recipes/h200_prepare.sh part2 && bash recipes/h200_prepare.sh convert || exit 1
     mkdir -p /tmp/data && gunzip -c docs/results/smollm2/regen_train.jsonl.gz > /tmp/data/train.jsonl
-    TRAIN_TIME=${TRAIN_TIME:-00:00:03:30} fit dspark5 5 & TRAIN_TIME=${TRAIN_TIME:-00:00:03:30} fit dspark2 2 & wait
+    TRAIN_TIME=${TRAIN_TIME:-00:00:03:00} fit dspark5 5 & TRAIN_TIME=${TRAIN_TIME:-00:00:03:00} fit dspark2 2 & wait
     (cd "$RUN" && tar czf "$OUT/fits.tgz" --exclude='*.ckpt' dspark5 dspark2 dspark5.log dspark2.log)
     ck=($(find "$RUN/dspark5" -name last.ckpt | head -1) $(find "$RUN/dspark2" -name last.ckpt | head -1))
     echo "drafters: ${ck[*]}"
     deadline "$(left)" python benchmarks/decode.py --ckpt "${ck[@]}" --target-path "$SMOL" --repeats 2 \
-      --batch-sizes 1 16 64 --temperatures 0 1 --modes graphs --policies fixed --json "$OUT/speedup.json" 2>&1 \
+      --batch-sizes 1 16 64 --temperatures 0 1 --modes graphs --policies fixed --max-new-tokens 128 \
+      --json "$OUT/speedup.json" 2>&1 \
       | tee "$OUT/speedup.txt"
     ;;
   decode)
