@@ -13,7 +13,8 @@ Design choices:
     * input token ``x_{i+1+k}`` (0 beyond the end); input hidden ``fc(target_hidden_i)`` at ``k = 0``,
       else step ``k-1``'s output at ``i``; rotary position ``i + k``;
     * the output predicts ``x_{i+2+k}`` with target ``p_t = softmax(lm_head_target(target_last[i+1+k]))``;
-      it is supervised iff ``i+2+k < T`` and ``loss_mask[i+2+k]``;
+      it is supervised iff ``i+2+k < T`` and ``loss_mask[i+2+k]``: the supervised targets are exactly the answer
+      tokens (DeepSpec's ``loss_mask[i+k]`` rule trains a shifted set; ``losses.eagle3_ttt_loss`` says how);
     * query ``(k, i)`` attends to the step-0 keys ``(0, j)``, ``j <= i``, and to its own chain's keys
       ``(c, i)``, ``c = 1..k`` (keys accumulate across steps, as DeepSpec's DynamicCache does).
   This is exactly what chained inference computes, which the tests check.

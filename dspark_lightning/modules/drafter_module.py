@@ -25,8 +25,9 @@ from torch import Tensor
 
 from ..drafters import DrafterConfig
 from ..drafters.registry import build as build_drafter
-from ..losses import LossOutput, LossWeights, drafter_loss
+from ..losses import LossOutput, LossWeights, Ratio, drafter_loss
 from ..targets import FrozenTarget, TargetConfig, load_target_config
+from .global_loss import AccumulatedStep, batch_ratios, logged_values, reduce_step, summed_over_ranks
 
 __all__ = ["DrafterModule", "LossWeights", "ValidationDecoder", "build_drafter"]
 
@@ -115,6 +116,8 @@ class DrafterModule(L.LightningModule):
         self.decoding = decoding
         self.compile_layers = compile_layers
         self.__dict__["target"] = None  # frozen target, kept out of the state dict and the optimizer
+        self._accumulated = AccumulatedStep()  # the micro-batches of the optimizer step under way
+        self._val_ratios: dict[str, Ratio] | None = None  # summed over this validation epoch's token batches
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Self-describing checkpoints: `export` needs neither the target's files nor network access
@@ -178,25 +181,37 @@ class DrafterModule(L.LightningModule):
         target_logits = None if self.drafter.holds_target_head else self._load_target().logits
         return drafter_loss(self.drafter, out, last_hidden, self.loss_weights, target_logits)
 
-    def _log_step(self, result: LossOutput, stage: str, batch_size: int) -> None:
+    def _sum_over_ranks(self, flat: Tensor) -> Tensor:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return flat
+        return trainer.strategy.reduce(flat, reduce_op="sum")
+
+    def _log_ratios(self, ratios: dict[str, Ratio], stage: str) -> None:
+        """Log the global values of ``ratios`` (``modules/global_loss.py``): per step in training, once per epoch in
+        validation (the ratios summed over the epoch), the same on every rank (no further sync)."""
+        values = logged_values(ratios)
+        loss = values.pop("loss")
         on_step = stage == "train"
-        sync = stage != "train"
-        logs = {f"{stage}/{k}": v.detach() for k, v in result.terms.items()}
-        if result.expected_tau is not None and not torch.isnan(result.expected_tau):
-            logs[f"{stage}/expected_tau"] = result.expected_tau
-        if result.accept_rate is not None:
-            for k, (rate, count) in enumerate(zip(result.accept_rate, result.position_counts)):
-                if count > 0:
-                    logs[f"{stage}/accept_rate@{k}"] = rate
-        self.log_dict(logs, on_step=on_step, on_epoch=not on_step, sync_dist=sync, batch_size=batch_size,
-                      prog_bar=False)
-        self.log(f"{stage}_loss", result.loss.detach(), on_step=on_step, on_epoch=not on_step, sync_dist=sync,
-                 batch_size=batch_size, prog_bar=True)
+        logs = {f"{stage}/{name}": value for name, value in values.items()}
+        logs[f"{stage}/loss"] = loss
+        self.log_dict(logs, on_step=on_step, on_epoch=not on_step, batch_size=1, prog_bar=False)
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=not on_step, batch_size=1, prog_bar=True)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        result = self.compute_loss(batch)
-        self._log_step(result, "train", batch["input_ids"].shape[0])
-        return result.loss
+        """The loss of the global batch (the same value on every rank); its gradient, after DDP's mean over ranks
+        (and the rescale of an accumulated step, :meth:`on_before_optimizer_step`), is the global batch's."""
+        step = reduce_step(self.compute_loss(batch), self._sum_over_ranks, self.trainer.world_size)
+        share = step.share
+        if self.trainer.accumulate_grad_batches > 1:
+            share = self._accumulated.weigh(step)
+        self._log_ratios(step.ratios, "train")
+        return step.loss + (share - share.detach())  # value: the global loss; gradient: this rank's share
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # After the step's last backward (and the unscaling of a fp16 run), before clipping and the update.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._accumulated.finish(params, self.trainer.accumulate_grad_batches)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if "prompt_ids" in batch:
@@ -207,14 +222,19 @@ class DrafterModule(L.LightningModule):
                 )
             self.decoding.validation_step(self, batch, batch_idx)
             return
-        result = self.compute_loss(batch)
-        self._log_step(result, "val", batch["input_ids"].shape[0])
+        ratios = batch_ratios(self.compute_loss(batch))
+        seen = self._val_ratios
+        self._val_ratios = ratios if seen is None else {k: seen[k].plus(r) for k, r in ratios.items()}
 
     def on_validation_epoch_start(self) -> None:
+        self._val_ratios = None
         if self.decoding is not None:
             self.decoding.on_validation_epoch_start(self)
 
     def on_validation_epoch_end(self) -> None:
+        if self._val_ratios is not None:  # token batches: the epoch's ratios, summed over the ranks once
+            self._log_ratios(summed_over_ranks(self._val_ratios, self._sum_over_ranks), "val")
+            self._val_ratios = None
         if self.decoding is not None:
             self.decoding.on_validation_epoch_end(self)
 
