@@ -104,3 +104,18 @@ def test_compile_layers_compiles_every_decoder_layer_of_each_drafter_at_setup(al
     assert len(layers) == module.drafter_config.num_hidden_layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
     assert list(module.state_dict()) == names  # compiled in place: checkpoints keep their names
+
+
+def test_hyper_parameters_pickled_before_loss_weights_moved_still_load_weights_only():
+    """LossWeights moved from modules/drafter_module.py to losses.py; checkpoints written from Python before that
+    name it under its old module, which the safe-globals list still accepts (modules/checkpoints.py)."""
+    import io
+
+    import dspark_lightning.modules  # noqa: F401 - registers the safe globals
+    from dspark_lightning.losses import LossWeights
+
+    buf = io.BytesIO()
+    torch.save({"loss": LossWeights(ce=0.3)}, buf, _use_new_zipfile_serialization=False)  # plain pickle names
+    old = buf.getvalue().replace(b"dspark_lightning.losses", b"dspark_lightning.modules.drafter_module")
+    assert b"dspark_lightning.modules.drafter_module\nLossWeights" in old
+    assert torch.load(io.BytesIO(old), weights_only=True)["loss"] == LossWeights(ce=0.3)

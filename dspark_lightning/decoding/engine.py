@@ -23,11 +23,12 @@ finished rows stay in the batch, frozen and masked, and the outputs and the per-
 device. A round reads nothing back to the host: the host only learns, one round late, whether any row is still
 running (so at most one round runs after the last row finished, on frozen rows). Two ways to run a round:
 
-* **fused** (a :class:`FixedLength` policy, the default): steps 1-4 are one pass; with ``cuda_graphs`` one CUDA graph,
-  replayed back to back while the host waits on the previous round's flag.
-* **split** (other policies, or ``time_phases=True``): the draft pass, then the host runs the policy and reads the
-  verify width (``1 +`` the longest verify length), then the verify pass of that width (one graph per width), so a
-  policy that verifies fewer drafts saves the target's work; draft and verify are timed apart.
+* **fused** (when the policy's verify length is known before the call: :class:`FixedLength`, the default, or a
+  prefix scheduler whose SPS table is flat at this batch size): steps 1-4 are one pass; with ``cuda_graphs`` one CUDA
+  graph, replayed back to back while the host waits on the previous round's flag.
+* **split** (otherwise, or ``time_phases=True``): the draft pass, then the host runs the policy and reads the verify
+  width (``1 +`` the longest verify length), then the verify pass of that width (one graph per width), so a policy
+  that verifies fewer drafts saves the target's work; with ``time_phases`` draft and verify are timed apart.
 
 ``compile_passes`` runs the passes through ``torch.compile`` (their small ops fused); with ``cuda_graphs`` the graphs
 capture the compiled code. Every mode decodes the same tokens, at T > 0 too (the randomness is counter-based).
@@ -114,10 +115,15 @@ class SpeculativeEngine:
     def device(self) -> torch.device:
         return self.target.device
 
-    @property
-    def fused(self) -> bool:
-        """Whether rounds run fused (one pass, no host read-back) rather than split."""
-        return isinstance(self.policy, FixedLength) and not self.time_phases
+    def fused_width(self, batch: int) -> int | None:
+        """The verify width of fused rounds for ``batch`` requests (one pass, no host read-back), or None when rounds
+        run split (the policy decides from each round's confidences, or ``time_phases``)."""
+        if self.time_phases:
+            return None
+        if not self.gamma:
+            return 1
+        length = self.policy.fixed_length(batch, self.gamma)
+        return None if length is None else 1 + length
 
     # ------------------------------------------------------------------ the passes (device only, no host read-back)
     def _calibrate(self, confidence: Tensor) -> Tensor:
@@ -159,13 +165,10 @@ class SpeculativeEngine:
         if self.drafter is not None:
             self.drafter.extend_context(st.dcache, out.hidden, st.tokens_after[:, :width], st.counts)
 
-    def _round(self, st: DecodeState) -> None:
-        """A fused round (fixed verify length): draft, verify, commit."""
+    def _round(self, st: DecodeState, width: int) -> None:
+        """A fused round (a verify length known ahead): draft, verify, commit."""
         self._draft(st)
-        self._verify(st, self._fixed_width())
-
-    def _fixed_width(self) -> int:
-        return 1 + (self.policy.verify_length(self.gamma) if self.gamma else 0)
+        self._verify(st, width)
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
@@ -199,7 +202,8 @@ class SpeculativeEngine:
         self._prefill(st, rows)
         self._sync()
         prefill_seconds = time.perf_counter() - start_time
-        timing = self._run_fused(st) if self.fused else self._run_split(st)
+        width = self.fused_width(len(rows))
+        timing = self._run_split(st) if width is None else self._run_fused(st, width)
         self._sync()
         tokens, stopped, rounds = st.collect(len(rows), *timing)
         return Generation(tokens, rounds, prefill_seconds, time.perf_counter() - start_time, stopped)
@@ -213,8 +217,6 @@ class SpeculativeEngine:
             self._state = None  # free the old buffers first
             self._state = allocate_state(key, self.target, self.drafter)
         self._state.reset(rows, max_new_tokens, seed, stops)
-        if self.fused:
-            self._state.verify_len.fill_(self._fixed_width() - 1)
         return self._state
 
     def _prefill(self, st: DecodeState, rows: list[list[int]]) -> None:
@@ -229,9 +231,11 @@ class SpeculativeEngine:
         if self.drafter is not None:
             self.drafter.extend_context(st.dcache, out.hidden, st.prompt_ids[:, 1:pre + 1], st.committed.clone())
 
-    def _run_fused(self, st: DecodeState) -> tuple[list[float], list[float], list[float]]:
+    def _run_fused(self, st: DecodeState, width: int) -> tuple[list[float], list[float], list[float]]:
         """Fused rounds until no row runs; the host checks the previous round's flag after queuing the next."""
-        call = self._graph(st, "round", self._fused_round) if self.cuda_graphs else self._fused_round
+        st.verify_len.fill_(width - 1)
+        fused = lambda s: self._fused_round(s, width)  # noqa: E731
+        call = self._graph(st, f"round/{width}", fused) if self.cuda_graphs else fused
         timer = _RoundTimer(self.device)
         previous = None
         for _ in range(st.max_rounds):
@@ -252,23 +256,24 @@ class SpeculativeEngine:
         draft_times, verify_times = [], []
         draft = self._graph(st, "draft", self._draft_pass) if self.cuda_graphs else self._draft_pass
         for _ in range(st.max_rounds):
-            live = st.alive.nonzero().squeeze(1)  # one read-back: the unfinished rows
+            live = st.alive.nonzero().squeeze(1)  # a read-back: the unfinished rows
             if live.numel() == 0:
                 break
+            self._sync(self.time_phases)
             t0 = time.perf_counter()
             draft(st)
             st.verify_len.zero_()
             if self.gamma:
                 conf = self._calibrate(st.confidence)[live]
                 st.verify_len[live] = self.policy(conf, self.gamma, live.numel()).clamp(0, self.gamma).to(self.device)
-            width = self._verify_width(st)
-            self._sync()
+            width = self._verify_width(st)  # a read-back unless the policy is fixed
+            self._sync(self.time_phases)
             t1 = time.perf_counter()
             if self.cuda_graphs:
                 self._graph(st, f"verify/{width}", lambda s, w=width: self._verify_pass(s, w))(st)
             else:
                 self._verify_pass(st, width)
-            self._sync()
+            self._sync(self.time_phases)
             draft_times.append(t1 - t0)
             verify_times.append(time.perf_counter() - t1)
         return draft_times, verify_times, [a + b for a, b in zip(draft_times, verify_times)]
@@ -279,7 +284,7 @@ class SpeculativeEngine:
         if not self.gamma:
             return 1
         if isinstance(self.policy, FixedLength):
-            return self._fixed_width()
+            return 1 + self.policy.verify_length(self.gamma)
         return 1 + int(st.verify_len.max())
 
     def _graph(self, st: DecodeState, name: str, fn: Any) -> Any:
@@ -287,15 +292,15 @@ class SpeculativeEngine:
         ``fn`` for real; the state's counters are put back after each (what the graph writes beyond them is
         overwritten by the replay)."""
         if name not in st.graphs:
-            if st.pool is None:
+            if st.pool is None and self.device.type == "cuda":
                 st.pool = torch.cuda.graph_pool_handle()
             saved = st.snapshot()
             st.graphs[name] = CapturedStep(lambda: fn(st), self.device, reset=lambda: st.restore(saved), pool=st.pool)
         graph = st.graphs[name]
         return lambda _: graph()
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
+    def _sync(self, wanted: bool = True) -> None:
+        if wanted and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
 

@@ -43,7 +43,7 @@ class StateKey:
     batch: int  # rows (a bucket)
     capacity: int  # target KV slots per row
     context: int  # draft context entries per row
-    max_rounds: int  # record slots
+    max_rounds: int  # record slots: each round of a running row commits at least one token, and one more round runs
     gamma: int
     sampling: Sampling
     num_stops: int
@@ -56,7 +56,7 @@ def state_key(n: int, longest_prompt: int, max_new_tokens: int, gamma: int, samp
     up to gamma + 1 tokens past what the budget keeps) and a round writes gamma + 1 slots from there."""
     reach = longest_prompt + max_new_tokens + 2 * gamma + 1
     return StateKey(batch_bucket(n), _round_up(reach, CAPACITY_STEP), _round_up(reach + gamma + 1, CAPACITY_STEP),
-                    max_new_tokens + 1, gamma, sampling, len(stops), device)
+                    _round_up(max_new_tokens + 1, CAPACITY_STEP), gamma, sampling, len(stops), device)
 
 
 @dataclass

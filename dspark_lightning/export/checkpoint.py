@@ -148,6 +148,8 @@ def plain(value: Any) -> Any:
         return value.tolist() if value.numel() <= 16 else f"<tensor {tuple(value.shape)}>"
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, (type, types.FunctionType)):  # a real reference (torch's safe list rebuilt it): its name
+        return f"{value.__module__}.{value.__qualname__}"
     return repr(value)
 
 

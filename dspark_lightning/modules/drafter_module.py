@@ -129,6 +129,12 @@ class DrafterModule(L.LightningModule):
             "training_config": getattr(self, "training_config_yaml", None),  # set by the CLI
         }
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before its weights are loaded: refuse a checkpoint of another drafter, naming both (modules/checkpoints.py).
+        from .checkpoints import check_checkpoint_fits
+
+        check_checkpoint_fits(checkpoint, self.drafter_config, self.target_hf_config)
+
     # ------------------------------------------------------------------ target
     def _load_target(self) -> FrozenTarget:
         if self.target is None:

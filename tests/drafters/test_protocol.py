@@ -5,6 +5,7 @@ registry, one training step through ``DrafterModule.compute_loss``, drafting thr
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,6 +106,9 @@ def test_export_round_trip(module, tmp_path):
     trained = TrainedDrafter.from_module(drafter, target_config)
     if module.drafter_config.algorithm == "dspark_v4":  # served bundled into the V4 checkpoint only
         target.model.save_pretrained(tmp_path / "target")
+        config = json.loads((tmp_path / "target" / "config.json").read_text())  # + what the official V4 config
+        config.update(compress_ratios=[0, 4, 16, 0, 0], topk_method="noaux_tc")  # carries (test_attached_v4.py)
+        (tmp_path / "target" / "config.json").write_text(json.dumps(config))
         out = write_export(trained, fmt="attached", out=tmp_path / "out", dtype="float32",
                            target_dir=tmp_path / "target", attached_layout="bundled")
     else:

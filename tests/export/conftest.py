@@ -26,7 +26,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dspark_rnn": ("dspark", {"markov_head_type": "rnn", "confidence_head_with_markov": False}),
     "dflash_deepspec": ("dflash", {}),
     "dflash_zlab": ("dflash", {"block_layout": "zlab"}),
-    "eagle3_full": ("eagle3", {}),
+    "eagle3_full": ("eagle3", {"qk_norm": True}),  # the Qwen3 family default (DeepSpec's Eagle3 has q/k norms)
     "eagle3_full_llama_style": ("eagle3", {"qk_norm": False}),
     "eagle3_reduced": ("eagle3", {"qk_norm": False, "draft_vocab_size": REDUCED_VOCAB}),
 }
