@@ -14,32 +14,23 @@ Design (DSpark paper §3.1, DeepSpec ``modeling/dspark``, z-lab DFlash):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled, use_flex
-from .blocks import flex_block_mask, plan_blocks
+from ._layers import (
+    DecoderLayer,
+    LMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    init_weights,
+    project_target_features,
+    scale_embedding,
+    unfilled,
+    use_flex,
+)
+from .blocks import BlockDrafter, BlockDraftOutput, flex_block_mask, plan_blocks
 from .config import DrafterConfig
 from .protocol import GREEDY, DraftSampler, Proposal
-
-
-@dataclass
-class BlockDraftOutput:
-    """Training forward of a block drafter. ``N`` anchors, ``K`` = gamma predictions per block.
-
-    Logits are not materialised here (a [B*N*K, V] fp32 tensor is 2 GB at V=150k): the loss builds them
-    chunk by chunk with :meth:`DFlash.compute_logits`.
-    """
-
-    hidden: Tensor  # [B, N, K, H] final-normed backbone states of the prediction slots
-    labels: Tensor  # [B, N, K] tokens to predict
-    prev_ids: Tensor  # [B, N, K] teacher-forced previous tokens (anchor first)
-    target_index: Tensor  # [B, N, K] positions whose target last hidden gives p_t
-    supervise: Tensor  # [B, N, K] bool
-    markov_features: Tensor | None = None  # [B, N, K, r] low-rank Markov features (DSpark)
-    confidence_logits: Tensor | None = None  # [B, N, K] fp32 (DSpark)
 
 
 class ContextKVCache:
@@ -110,7 +101,7 @@ class ContextKVCache:
         return torch.arange(self._width(), device=self.lengths.device) < self.lengths[:, None]
 
 
-class DFlash(nn.Module):
+class DFlash(BlockDrafter):
     """Parallel block drafter (see module docstring). Parameter names follow DeepSpec/SGLang."""
 
     #: Training attention: ``sdpa`` with the dense block mask, ``flex`` with the sparse one
@@ -129,7 +120,7 @@ class DFlash(nn.Module):
         self.hidden_norm = RMSNorm(h, config.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(h, config.rms_norm_eps)
-        self.lm_head = unfilled(nn.Linear, h, v, bias=False)
+        self.lm_head = unfilled(LMHead, h, v, softcap=config.final_logit_softcapping)
         self.rotary_emb = RotaryEmbedding.from_config(config)
         init_weights(self)
         self.embed_tokens.weight.requires_grad_(False)
@@ -145,17 +136,11 @@ class DFlash(nn.Module):
         ``markov_features`` must be None (the argument keeps one signature across block drafters)."""
         if markov_features is not None:
             raise ValueError("DFlash has no Markov head; markov_features must be None.")
-        return softcap(self.lm_head(hidden), self.config.final_logit_softcapping)
+        return self.lm_head.logits(hidden)
 
     def project_context(self, target_hidden: Tensor) -> Tensor:
         """target_hidden [B, L, m*H] -> C [B, L, H] (paper Eq. 2)."""
-        expected = self.fc.in_features
-        if target_hidden.shape[-1] != expected:
-            raise ValueError(
-                f"target_hidden has width {target_hidden.shape[-1]} but the drafter expects "
-                f"{expected} = len(target_layer_ids) x hidden_size; check target_layer_ids and the cache."
-            )
-        return self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+        return self.hidden_norm(project_target_features(self.fc, target_hidden))
 
     def context_kv(self, context: Tensor, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per-layer rotated context K/V [B, kv, L, dh] for C [B, L, H] at ``positions`` [B, L]."""
@@ -180,7 +165,8 @@ class DFlash(nn.Module):
             input_ids: [B, L] int64 tokens.
             target_hidden: [B, L, m*H] concatenated raw target layer outputs.
             loss_mask: [B, L] bool, True on trainable (assistant) tokens.
-            anchors, anchor_valid: [B, N] from :func:`blocks.sample_anchors`.
+            anchors, anchor_valid: [B, N] from :func:`blocks.sample_anchors` (:meth:`training_forward` reads them
+                from a batch or draws them).
         """
         cfg = self.config
         b, length = input_ids.shape
@@ -197,10 +183,6 @@ class DFlash(nn.Module):
         return BlockDraftOutput(hidden, plan.labels, plan.prev_ids, plan.target_index, plan.supervise)
 
     # ------------------------------------------------------------------ inference (drafters/protocol.py)
-    @property
-    def gamma(self) -> int:
-        return self.config.block_size
-
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None, capacity: int = 256, static: bool = False) -> ContextKVCache:
         w = self.fc.weight

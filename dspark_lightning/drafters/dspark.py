@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from ._layers import init_weights, unfilled
+from .blocks import BlockDrafter, BlockDraftOutput
 from .config import DrafterConfig
-from .dflash import BlockDraftOutput, ContextKVCache, DFlash
+from .dflash import ContextKVCache, DFlash
 from .protocol import GREEDY, DraftSampler, Proposal
 
 
@@ -107,7 +108,7 @@ class ConfidenceHead(nn.Module):
         return self.proj(x).squeeze(-1).float()
 
 
-class DSpark(nn.Module):
+class DSpark(BlockDrafter):
     """DFlash backbone + Markov head + confidence head (see module docstring).
 
     ``markov_sampler``: optional fused replacement of the vanilla head's greedy loop in :meth:`propose`,
@@ -147,10 +148,6 @@ class DSpark(nn.Module):
         if markov_features is not None:
             logits = logits + self.markov_head.bias(markov_features).to(logits.dtype)
         return logits
-
-    @property
-    def gamma(self) -> int:
-        return self.config.block_size
 
     def new_cache(self, batch: int, **kwargs) -> ContextKVCache:
         return self.backbone.new_cache(batch, **kwargs)

@@ -44,10 +44,10 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
     apply_rotary_pos_emb,
 )
 
-from ._layers import init_weights, unfilled
-from .blocks import plan_blocks
+from ._layers import LMHead, init_weights, project_target_features, unfilled
+from .blocks import BlockDrafter, BlockDraftOutput, plan_blocks
 from .config import DrafterConfig
-from .dflash import BlockDraftOutput, ContextKVCache
+from .dflash import ContextKVCache
 from .dspark import ConfidenceHead, MarkovHead, sample_left_to_right
 from .protocol import GREEDY, DraftSampler, Proposal
 
@@ -108,7 +108,7 @@ class _InjectedContext:
         return full, full
 
 
-class DSparkV4(nn.Module):
+class DSparkV4(BlockDrafter):
     """DeepSeek-V4 stages + Markov head + confidence head (see module docstring); DSpark's training/inference API."""
 
     def __init__(self, config: DrafterConfig) -> None:
@@ -129,7 +129,7 @@ class DSparkV4(nn.Module):
             layer._can_checkpoint_with_cache = True
         self.hc_head = DeepseekV4HyperHead(hf)
         self.norm = DeepseekV4RMSNorm(h, hf.rms_norm_eps)
-        self.lm_head = unfilled(nn.Linear, h, v, bias=False)
+        self.lm_head = unfilled(LMHead, h, v)  # no soft cap
         self.rotary_emb = DeepseekV4RotaryEmbedding(hf)
         rank = config.markov_rank
         self.markov_head = MarkovHead(v, h, rank, config.markov_head_type) if config.has_markov_head else None
@@ -145,19 +145,14 @@ class DSparkV4(nn.Module):
     # ------------------------------------------------------------------ pieces
     def compute_logits(self, hidden: Tensor, markov_features: Tensor | None = None) -> Tensor:
         """``lm_head(h) + W2 u`` for final-normed ``hidden`` [..., H] (the target's last hidden too)."""
-        logits = self.lm_head(hidden)
+        logits = self.lm_head.logits(hidden)
         if markov_features is not None:
             logits = logits + self.markov_head.bias(markov_features).to(logits.dtype)
         return logits
 
     def project_context(self, target_hidden: Tensor) -> Tensor:
         """target_hidden [B, L, m*H] -> C [B, L, H] (paper Eq. 2)."""
-        if target_hidden.shape[-1] != self.fc.in_features:
-            raise ValueError(
-                f"target_hidden has width {target_hidden.shape[-1]} but the drafter expects {self.fc.in_features} = "
-                f"len(target_layer_ids) x hidden_size; check target_layer_ids and the cache."
-            )
-        return self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+        return self.hidden_norm(project_target_features(self.fc, target_hidden))
 
     def context_kv(self, context: Tensor, positions: Tensor) -> list[Tensor]:
         """Per-stage rotated context K=V [B, 1, T, dh] of C [B, T, H] at ``positions`` [B, T] (the stage's own
@@ -219,10 +214,6 @@ class DSparkV4(nn.Module):
         return self._heads(out, collapsed.view(b, n, s, -1))
 
     # ------------------------------------------------------------------ inference (drafters/protocol.py)
-    @property
-    def gamma(self) -> int:
-        return self.config.block_size
-
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None, capacity: int = 256, static: bool = False) -> ContextKVCache:
         """Context K=V per stage (stored as both keys and values of a :class:`ContextKVCache`, one KV head)."""

@@ -13,7 +13,8 @@ Design choices:
     * input token ``x_{i+1+k}`` (0 beyond the end); input hidden ``fc(target_hidden_i)`` at ``k = 0``,
       else step ``k-1``'s output at ``i``; rotary position ``i + k``;
     * the output predicts ``x_{i+2+k}`` with target ``p_t = softmax(lm_head_target(target_last[i+1+k]))``;
-      it is supervised iff ``i+2+k < T`` and ``loss_mask[i+2+k]``;
+      it is supervised iff ``i+2+k < T`` and ``loss_mask[i+2+k]``: the supervised targets are exactly the answer
+      tokens (DeepSpec's ``loss_mask[i+k]`` rule trains a shifted set; ``losses.eagle3_ttt_loss`` says how);
     * query ``(k, i)`` attends to the step-0 keys ``(0, j)``, ``j <= i``, and to its own chain's keys
       ``(c, i)``, ``c = 1..k`` (keys accumulate across steps, as DeepSpec's DynamicCache does).
   This is exactly what chained inference computes, which the tests check.
@@ -29,7 +30,7 @@ Design choices:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,7 +38,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled, use_flex
+from ._layers import (
+    DecoderLayer,
+    LMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    copy_target_embeddings,
+    init_weights,
+    project_target_features,
+    scale_embedding,
+    unfilled,
+    use_flex,
+)
 from .config import DrafterConfig
 from .dflash import ContextKVCache
 from .protocol import GREEDY, DraftSampler, Proposal
@@ -165,7 +177,7 @@ class Eagle3(nn.Module):
         self.fc = nn.Linear(m * h, h, bias=False)
         self.layers = nn.ModuleList([Eagle3DecoderLayer(config)])
         self.norm = RMSNorm(h, config.rms_norm_eps)
-        self.lm_head = unfilled(nn.Linear, h, draft_vocab, bias=False)
+        self.lm_head = unfilled(LMHead, h, draft_vocab, softcap=config.final_logit_softcapping)
         self.rotary_emb = RotaryEmbedding.from_config(config)
         if config.draft_vocab_size is not None:
             # Placeholder map (the first Vd tokens) until set_draft_vocab installs the real one.
@@ -210,17 +222,14 @@ class Eagle3(nn.Module):
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
-    @torch.no_grad()
+    @property
+    def holds_target_head(self) -> bool:
+        """A full-vocabulary ``lm_head`` is the target's (frozen copy); a reduced one is the drafter's own."""
+        return not self.reduced_vocab
+
     def load_target_embeddings(self, embed_weight: Tensor, lm_head_weight: Tensor) -> None:
         """Copy the target's embedding [V, H] and lm_head [V, H]; a reduced head takes rows ``hot_ids``."""
-        expected = (self.config.vocab_size, self.config.hidden_size)
-        for name, w in (("embed_weight", embed_weight), ("lm_head_weight", lm_head_weight)):
-            if tuple(w.shape) != expected:
-                raise ValueError(f"{name} has shape {tuple(w.shape)}, expected [vocab, hidden] = {expected}.")
-        self.embed_tokens.weight.copy_(embed_weight)
-        hot = self.hot_ids
-        rows = lm_head_weight if hot is None else lm_head_weight[hot.to(lm_head_weight.device)]
-        self.lm_head.weight.copy_(rows)
+        copy_target_embeddings(self, embed_weight, lm_head_weight, self.hot_ids)
 
     # ------------------------------------------------------------------ pieces
     def embed(self, ids: Tensor) -> Tensor:
@@ -228,7 +237,7 @@ class Eagle3(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Draft logits ``lm_head(norm(h))`` (+ soft cap) over the draft vocabulary from *pre-norm* states."""
-        return softcap(self.lm_head(self.norm(hidden)), self.config.final_logit_softcapping)
+        return self.lm_head.logits(self.norm(hidden))
 
     def target_logits(self, target_last_hidden: Tensor) -> Tensor:
         """Target logits from final-normed target states, valid only when ``lm_head`` is the target's."""
@@ -237,18 +246,22 @@ class Eagle3(nn.Module):
                 "With a reduced draft vocabulary the drafter does not hold the target lm_head; pass the "
                 "target's own head (softcap(h @ W_target.T)) to the loss instead."
             )
-        return softcap(self.lm_head(target_last_hidden), self.config.final_logit_softcapping)
+        return self.lm_head.logits(target_last_hidden)
 
     def project_hidden(self, target_hidden: Tensor) -> Tensor:
         """target_hidden [B, T, m*H] -> fc(.) [B, T, H] (no norm: the layer's hidden_norm follows)."""
-        if target_hidden.shape[-1] != self.fc.in_features:
-            raise ValueError(
-                f"target_hidden has width {target_hidden.shape[-1]} but the drafter expects "
-                f"{self.fc.in_features} = len(target_layer_ids) x hidden_size; check target_layer_ids."
-            )
-        return self.fc(target_hidden.to(self.fc.weight.dtype))
+        return project_target_features(self.fc, target_hidden)
 
     # ------------------------------------------------------------------ training
+    @classmethod
+    def training_anchors(cls, config: DrafterConfig) -> None:
+        """None: the training-time test runs from every position, it takes no anchors."""
+        return None
+
+    def training_forward(self, batch: Mapping[str, Tensor], target_hidden: Tensor) -> Eagle3Output:
+        """:meth:`forward` on a batch of the batch contract."""
+        return self(batch["input_ids"], target_hidden, batch["loss_mask"])
+
     def forward(self, input_ids: Tensor, target_hidden: Tensor, loss_mask: Tensor) -> Eagle3Output:
         """Training-time test over ``ttt_length`` steps (semantics in the module docstring).
 

@@ -14,15 +14,28 @@ Inference is a loop of three calls on a drafter-owned context cache (``decoding/
 
 A cache is right-padded per row: ``cache.lengths [B]`` committed positions. ``static`` caches never grow or read
 back to the host (fixed shapes for CUDA graphs); ``cache.select_rows(index)`` keeps the given rows.
+
+Training (:class:`TrainableDrafter`, driven by ``modules/drafter_module.py``) is two calls and a loss:
+
+1. ``out = drafter.training_forward(batch, target_hidden)``: the teacher-forced pass over a batch of the batch
+   contract (DESIGN.md). A block drafter reads its anchors from the batch (the cache DataModule samples them in its
+   workers, ``training_anchors(config)`` per row) or samples them itself;
+2. ``losses.drafter_loss(drafter, out, target_last_hidden, weights)`` picks the loss by the type of ``out``; the
+   fused block loss reads the head tensors from ``drafter.logits_head()`` (:class:`LogitsHead`).
+
+Around them: ``load_target_embeddings`` copies the target's frozen embedding and head, ``layers`` are the decoder
+layers (``compile_layers`` compiles each), and ``holds_target_head`` says whether the drafter's ``lm_head`` is the
+target's (else the loss needs the target's own head for ``p_t``). Adding a drafter: docs/drafters.md.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -103,3 +116,35 @@ class Drafter(Protocol):
 
     def propose(self, cache: DraftCache, anchor_ids: Tensor, sampler: DraftSampler = GREEDY,
                 num_tokens: int | None = None) -> Proposal: ...
+
+
+@dataclass(frozen=True)
+class LogitsHead:
+    """What a block drafter's ``compute_logits(h, u)`` applies, for the fused loss (``kernels/fused_block_loss.py``),
+    which builds the logits itself: ``softcap(h @ weight.T) + u @ markov_w2.T``."""
+
+    weight: Tensor  # [V, H] the frozen lm_head weight, detached
+    markov_w2: Tensor | None = None  # [V, r] the trainable Markov factor (DSpark), None without a Markov head
+    softcap: float | None = None  # Gemma's final-logit soft cap, applied before the Markov term
+
+
+@runtime_checkable
+class TrainableDrafter(Drafter, Protocol):
+    """The training contract of a draft model (see the module docstring); block drafters (training output
+    ``BlockDraftOutput``) also provide ``logits_head() -> LogitsHead``."""
+
+    layers: nn.ModuleList  # the decoder layers
+
+    @property
+    def holds_target_head(self) -> bool: ...
+
+    @classmethod
+    def training_anchors(cls, config: Any) -> int | None:
+        """Anchors per row that ``training_forward`` reads from a batch (None: it takes none)."""
+        ...
+
+    def training_forward(self, batch: Mapping[str, Tensor], target_hidden: Tensor) -> Any: ...
+
+    def compute_logits(self, hidden: Tensor, *args: Any) -> Tensor: ...
+
+    def load_target_embeddings(self, embed_weight: Tensor, lm_head_weight: Tensor) -> None: ...

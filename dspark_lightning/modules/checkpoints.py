@@ -34,6 +34,8 @@ from .drafter_module import LossWeights, build_drafter, default_optimizer
 # Classes and functions of ours that DrafterModule.save_hyperparameters pickles when built from Python (LightningCLI
 # saves plain dicts). Unpickling them only rebuilds a config dataclass or names a function; it runs no other code.
 SAFE_GLOBALS: tuple[Any, ...] = (DrafterConfig, TargetConfig, LossWeights, default_optimizer)
+# The same classes under the names that checkpoints written before they moved carry.
+FORMER_NAMES: tuple[tuple[Any, str], ...] = ((LossWeights, "dspark_lightning.modules.drafter_module.LossWeights"),)
 # Drafter settings that only shape training, not the trained model: a checkpoint may resume with other values.
 TRAINING_ONLY_FIELDS = ("num_anchors", "ttt_length")
 LOCAL_SCHEMES = ("file://",)
@@ -41,7 +43,7 @@ LOCAL_SCHEMES = ("file://",)
 
 def allow_our_globals() -> None:
     """Let ``torch.load(weights_only=True)`` (ours and Lightning's) rebuild :data:`SAFE_GLOBALS`."""
-    torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
+    torch.serialization.add_safe_globals([*SAFE_GLOBALS, *FORMER_NAMES])
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -96,7 +98,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        ours = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+        ours = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS} | {name for _, name in FORMER_NAMES}
         try:
             foreign = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - ours)
         except Exception:  # noqa: BLE001 - the listing is only for the message

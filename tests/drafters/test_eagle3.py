@@ -191,6 +191,39 @@ def test_golden_logits_and_loss_match_independent_float64_reference():
     assert res.position_counts.tolist() == out.supervise.sum((1, 2)).float().tolist()
 
 
+def test_ttt_supervises_exactly_the_answer_tokens_golden_float64():
+    """Our rule (docs/drafters.md): step k trains the prediction of every answer token x[j] it can reach (from
+    position i = j - 2 - k >= 0), the per-step mean over those. Pinned against a float64 computation that enumerates
+    the answer tokens, not positions. DeepSpec's loss_mask[i+k] rule would instead start at x[s+2] and add x[e]."""
+    model = make_model()
+    ids, target_hidden, target_last, _ = make_batch()
+    spans = [(3, 9), (6, T)]  # answers x[s:e]: one ending before the row does, one running to its end
+    loss_mask = torch.zeros(2, T, dtype=torch.bool)
+    for b, (s, e) in enumerate(spans):
+        loss_mask[b, s:e] = True
+    out = model(ids, target_hidden, loss_mask)
+    for k in range(K):
+        for b, (s, e) in enumerate(spans):
+            targets = (out.supervise[k, b].nonzero().flatten() + 2 + k).tolist()
+            assert targets == [j for j in range(s, e) if j >= 2 + k]
+            assert s + 1 in targets and e not in targets  # the first token drafted after a prefill; nothing past
+
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    ploss = []
+    for k in range(K):
+        ces = []
+        for b, (s, e) in enumerate(spans):
+            for j in range(max(s, 2 + k), e):
+                logp = (_rms(out.hidden[k, b, j - 2 - k].detach(), sd["norm.weight"]) @ sd["lm_head.weight"].T)
+                p_t = (sd["lm_head.weight"] @ target_last[b, j - 1]).softmax(-1)  # the target's view of x[j]
+                ces.append(-(p_t * logp.log_softmax(-1)).sum())
+        ploss.append(torch.stack(ces).mean())
+    res = eagle3_ttt_loss(out, model.compute_logits, target_last, model.target_logits)
+    for k in range(K):
+        torch.testing.assert_close(res.terms[f"ploss_{k}"].double(), ploss[k], atol=0, rtol=1e-6)  # fp32 sums
+    torch.testing.assert_close(res.loss.double(), sum(0.8**k * ploss[k] for k in range(K)), atol=0, rtol=1e-6)
+
+
 def test_loss_backward_is_chunk_invariant_and_skips_frozen_weights():
     model = make_model()
     ids, target_hidden, target_last, loss_mask = make_batch()

@@ -35,6 +35,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ...drafters.blocks import sample_anchors
+from ...drafters.registry import drafter_class
 from ...targets import TargetConfig
 from ..online import EpochLoader, collate_tokens, stable_seed
 from .format import CacheError, decode_sample, dequantize_fp8, read_manifest, tokenizer_hash
@@ -277,8 +278,9 @@ class TargetCacheDataModule(L.LightningDataModule):
         seed: seed of shard order, shuffle buffers and anchors.
         shard_url: template for shard URLs with ``{name}`` (and ``{path}``), any fsspec URL, e.g.
             ``"s3://other-bucket/cache/{name}"``; default ``<path>/<name>``. ``pipe:`` (shell) URLs are refused.
-        num_anchors: anchors per sample; default the trainer module's ``drafter_config.num_anchors`` (none for
-            Eagle3). Without a trainer and without this, batches carry no anchors.
+        num_anchors: anchors per sample; default what the trainer module's drafter trains on
+            (``training_anchors(drafter_config)``: ``num_anchors`` for block drafters, none for Eagle3). Without a
+            trainer and without this, batches carry no anchors.
         target_layer_ids: expected layer ids when no trainer module provides a drafter config.
         tokenizer: tokenizer (directory or Hub id) training assumes; its hash must match the manifest's. Default:
             the target's own tokenizer when it has one and ``check_tokenizer``.
@@ -361,8 +363,8 @@ class TargetCacheDataModule(L.LightningDataModule):
         if target is not None:
             self._check_target(manifest, target)
         self._check_tokenizer(manifest, target)
-        if self.num_anchors is None and drafter is not None and drafter.algorithm != "eagle3":
-            self.num_anchors = drafter.num_anchors
+        if self.num_anchors is None and drafter is not None:
+            self.num_anchors = drafter_class(drafter.algorithm).training_anchors(drafter)
         self.rank, self.world_size = self._place()
         self.urls = shard_urls(self.path, manifest, self.shard_url)
         counts = [s["samples"] for s in manifest["shards"]]
