@@ -104,7 +104,7 @@ class SpeculativeEngine:
                 f"The target captures layers {self.target.layer_ids} but the drafter reads target_layer_ids="
                 f"{cfg.target_layer_ids}; build the FrozenTarget with the drafter's target_layer_ids."
             )
-        limit = None if cfg.algorithm == "eagle3" else drafter.gamma
+        limit = drafter.max_draft_tokens
         gamma = gamma or drafter.gamma
         if gamma < 1 or (limit is not None and gamma > limit):
             raise ValueError(f"gamma={gamma} must be in [1, {limit or 'inf'}] for this drafter "

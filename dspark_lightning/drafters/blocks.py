@@ -87,6 +87,11 @@ class BlockDrafter(nn.Module):
     def gamma(self) -> int:
         return self.config.block_size
 
+    @property
+    def max_draft_tokens(self) -> int:
+        """One block pass drafts its ``block_size`` tokens and no more."""
+        return self.config.block_size
+
     @classmethod
     def training_anchors(cls, config: DrafterConfig) -> int:
         return config.num_anchors

@@ -301,6 +301,11 @@ class Eagle3(nn.Module):
         """The trained chain length (``ttt_length``); ``propose`` can draft more."""
         return self.config.ttt_length
 
+    @property
+    def max_draft_tokens(self) -> None:
+        """A chain drafts as many tokens as asked (past ``ttt_length`` it runs untrained steps)."""
+        return None
+
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None, capacity: int = 256, static: bool = False) -> Eagle3Cache:
         w = self.fc.weight

@@ -108,6 +108,11 @@ class Drafter(Protocol):
     @property
     def gamma(self) -> int: ...
 
+    @property
+    def max_draft_tokens(self) -> int | None:
+        """The most tokens one ``propose`` can draft (None: no limit)."""
+        ...
+
     def new_cache(self, batch: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                   capacity: int = 256, static: bool = False) -> DraftCache: ...
 

@@ -66,6 +66,8 @@ class OracleDrafter(torch.nn.Module):
     def gamma(self):
         return self.config.block_size
 
+    max_draft_tokens = gamma
+
     def new_cache(self, batch, *, device=None, dtype=None, capacity=256, static=False):
         from dspark_lightning.drafters.dflash import ContextKVCache
 
