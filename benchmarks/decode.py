@@ -74,7 +74,9 @@ def decode_seconds(out) -> float:
 def hf_generate(target: FrozenTarget, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                 top_p: float, static_compiled: bool) -> float:
     """Tokens/s of the target alone through HF ``generate`` (left-padded batch, exactly ``max_new_tokens`` per row);
-    ``static_compiled``: HF's own fast path, a static KV cache with the forward compiled by ``torch.compile``."""
+    ``static_compiled``: HF's own fast path, a static KV cache (on CUDA ``generate`` then compiles the forward with
+    ``torch.compile`` and CUDA graphs). Compiling the forward by hand with ``mode="reduce-overhead"`` instead failed
+    on the H200: generate read a graph output the next replay had overwritten."""
     device = target.device
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
@@ -86,12 +88,8 @@ def hf_generate(target: FrozenTarget, prompts: list[list[int]], max_new_tokens: 
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     kwargs = dict(attention_mask=mask, min_new_tokens=max_new_tokens, max_new_tokens=max_new_tokens, pad_token_id=0,
                   **sampling)
-    if static_compiled:
-        kwargs.update(cache_implementation="static")
-        model = target.model
-        if not getattr(model, "_dspark_compiled", False):
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-            model._dspark_compiled = True
+    if static_compiled:  # generate compiles the forward itself once the cache is static (GenerationMixin's
+        kwargs.update(cache_implementation="static")  # _valid_auto_compile_criteria): HF's own fast path, as users run it
     for _ in range(2):  # warm-up (the compile, the graphs)
         target.model.generate(ids, **kwargs)
     if device.type == "cuda":
