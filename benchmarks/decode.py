@@ -88,8 +88,8 @@ def hf_generate(target: FrozenTarget, prompts: list[list[int]], max_new_tokens: 
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     kwargs = dict(attention_mask=mask, min_new_tokens=max_new_tokens, max_new_tokens=max_new_tokens, pad_token_id=0,
                   **sampling)
-    if static_compiled:  # generate compiles the forward itself once the cache is static (GenerationMixin's
-        kwargs.update(cache_implementation="static")  # _valid_auto_compile_criteria): HF's own fast path, as users run it
+    if static_compiled:  # generate compiles the forward itself for a static cache (_valid_auto_compile_criteria)
+        kwargs.update(cache_implementation="static")
     for _ in range(2):  # warm-up (the compile, the graphs)
         target.model.generate(ids, **kwargs)
     if device.type == "cuda":
