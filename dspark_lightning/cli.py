@@ -19,7 +19,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 class DSparkLightningCLI(LightningCLI):
     """LightningCLI with the target linked from the model into the data module (typed once in YAML)."""
 
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
+    def add_arguments_to_parser(self, parser) -> None:  # jsonargparse parser
         parser.link_arguments("model.target", "data.init_args.target")
 
     def before_fit(self) -> None:
@@ -28,7 +28,7 @@ class DSparkLightningCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         self.model.training_config_yaml = parser.dump(config, skip_none=False, skip_check=True)
 
-    def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201
+    def instantiate_trainer(self, **kwargs):
         """Every run ends with a printed summary (and ``summary.json``) unless the config adds its own."""
         from .modules.summary import RunSummary
 
@@ -79,7 +79,7 @@ COMMANDS: dict = {
 }
 
 
-def _load(spec):  # noqa: ANN001, ANN202
+def _load(spec):
     if isinstance(spec, dict):
         return {name: _load(sub) for name, sub in spec.items()}
     import importlib

@@ -136,8 +136,8 @@ def block_drafter_loss(
         draft = _fused_ce_l1(compute_logits, hidden, markov, target, labels, w, ce_weight, l1_weight, chunk_size)
         ce, l1 = draft.ce, draft.l1
     else:
-        draft_fn = lambda i: compute_logits(hidden[i], None if markov is None else markov[i])  # noqa: E731
-        target_fn = lambda i: compute_logits(target[i].to(hidden.dtype))  # noqa: E731
+        draft_fn = lambda i: compute_logits(hidden[i], None if markov is None else markov[i])
+        target_fn = lambda i: compute_logits(target[i].to(hidden.dtype))
         ce, l1 = chunked_ce_l1(draft_fn, target_fn, labels, chunk_size)
         w = position_weights(k_idx, decay)
 

@@ -515,7 +515,7 @@ def _full_attention_geometry(text_config: Any, k_eq_v: bool) -> tuple[int | None
         read = entry.get
     else:
         entry = per_layer[index]
-        read = lambda name: getattr(entry, name, None)  # noqa: E731
+        read = lambda name: getattr(entry, name, None)
     return read("head_dim"), (read("num_key_value_heads") if k_eq_v else kv_heads)
 
 

@@ -39,7 +39,7 @@ class DecodingMetrics(Metric):
     def __init__(self, num_suites: int, gamma: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_suites, self.gamma = num_suites, gamma
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
         for name in ("rounds", "tokens", "kept_tokens", "offered", "samples", "steps", "draft_seconds",
                      "verify_seconds"):
             self.add_state(name, default=zeros(num_suites), dist_reduce_fx="sum")
@@ -66,7 +66,7 @@ class DecodingMetrics(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """Per-suite tensors ([S] or [S, gamma]); NaN where nothing was counted."""
-        div = lambda a, b: a / torch.where(b > 0, b, torch.nan)  # noqa: E731
+        div = lambda a, b: a / torch.where(b > 0, b, torch.nan)
         seconds = self.draft_seconds + self.verify_seconds
         return {
             "tau": div(self.tokens, self.rounds),

@@ -100,7 +100,7 @@ class RunSummary(L.Callback):
 
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
         n = min(self.window, len(self.losses))
-        mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+        mean = lambda xs: sum(xs) / len(xs) if xs else math.nan
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         ckpt = trainer.checkpoint_callback
         return {

@@ -251,7 +251,7 @@ def check_sglang_config(info: ExportInfo, hf_config: Any, vocab: int, report: Re
                 report.problem(f"mask_token_id={parsed.mask_token_id} is outside the target vocabulary ({vocab}).")
             report.note(f"SGLang parses: block_size {parsed.block_size}, mask_token_id {parsed.mask_token_id}, "
                         f"target_layer_ids {parsed.target_layer_ids}")
-    except Exception as e:  # noqa: BLE001 - SGLang raises ValueError/KeyError/TypeError for bad configs
+    except Exception as e:  # SGLang raises ValueError/KeyError/TypeError for bad configs
         report.problem(f"SGLang cannot parse the draft config: {type(e).__name__}: {e}")
 
 
@@ -276,7 +276,7 @@ def check_server_args(info: ExportInfo, target: Path, report: Report) -> Any:
             with _env(RAGGED_VERIFY_ENV, mode):
                 server_args = prepare_server_args(args + common)
                 server_args.resolve_once()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             report.problem(f"SGLang server-argument resolution ({label}) failed: {type(e).__name__}: {e}")
             continue
         view = resolved_view(server_args)
@@ -371,7 +371,7 @@ def check_weights(info: ExportInfo, model: Any, tensors: dict[str, Any], mode: s
                 p.fill_(float("nan"))
     try:
         model.load_weights(iter(tensors.items()))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         report.problem(f"[{mode}] {type(model).__name__}.load_weights refused the export: {type(e).__name__}: {e}")
         return None
 
@@ -491,7 +491,7 @@ def check_numerics(info: ExportInfo, model: Any, tensors: dict[str, Any], report
 
             try:
                 temps = torch.tensor(load_sts_calibration_from_path(str(info.sts_path)).temperatures)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 report.problem(f"{info.sts_path} is not an STS calibration SGLang reads: {e}")
             if temps is not None and temps.numel() != k:
                 report.problem(f"{info.sts_path} has {temps.numel()} temperatures; SGLang requires gamma={k}.")
@@ -668,7 +668,7 @@ def check_export(path: str | Path, *, target_vocab: int | None = None, target: s
                     check_eagle3_maps(model, tensors, report)
                 try:
                     check_numerics(info, model, tensors, report)
-                except Exception as e:  # noqa: BLE001 - a shape the export got wrong surfaces here
+                except Exception as e:  # a shape the export got wrong surfaces here
                     report.problem(f"numerics check failed: {type(e).__name__}: {e}")
     return report
 
@@ -685,7 +685,7 @@ def _build_model(info: ExportInfo, server_args: Any, mode: str, report: Report) 
             report.draft_class = f"{cls.__module__}.{cls.__name__}"
             with set_default_torch_dtype(model_config.dtype):
                 return cls(config=model_config.hf_config, quant_config=None)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             report.problem(f"[{mode}] SGLang cannot build the draft class for architectures="
                            f"[{info.architecture!r}]: {type(e).__name__}: {e}")
             return None

@@ -247,7 +247,7 @@ def test_static_shapes_decode_what_the_default_mode_decodes(target64, references
 def test_static_shapes_with_long_accepted_prefixes_stop_tokens_and_budgets(target64, references, make_drafter,
                                                                           tiny_target_config):
     drafter = make_drafter("dflash-deepspec", tiny_target_config(), block_size=4)
-    oracle = lambda: OracleDrafter(drafter.config, references, [len(p) for p in PROMPTS])  # noqa: E731
+    oracle = lambda: OracleDrafter(drafter.config, references, [len(p) for p in PROMPTS])
     out = SpeculativeEngine(target64, oracle(), static_shapes=True).generate(PROMPTS, max_new_tokens=NEW)
     assert out.tokens == references and out.rounds.accepted.max() == 4
     stop = references[2][10]
