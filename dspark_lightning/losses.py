@@ -1,4 +1,4 @@
-"""Training losses, as pure functions (DeepSpec ``compute_dspark_loss`` semantics, reference notes §3).
+"""Training losses, as pure functions (DeepSpec ``deepspec/modeling/dspark/loss.py::compute_dspark_loss`` semantics).
 
 Block drafters (DSpark, DFlash), per supervised prediction k (0-based) of a block:
 
@@ -237,7 +237,7 @@ def eagle3_ttt_loss(
     step_decay: float = 0.8,
     chunk_size: int = 1024,
 ) -> LossOutput:
-    """Eagle3 training-time-test loss (DeepSpec ``compute_eagle3_loss``, reference notes §2.2 / §3.2).
+    """Eagle3 training-time-test loss (DeepSpec ``deepspec/modeling/eagle3/loss.py::compute_eagle3_loss``).
 
     Per step k, over the supervised positions of that step::
 

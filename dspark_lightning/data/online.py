@@ -1,6 +1,6 @@
 """DataModules for online mode: token batches only; the frozen target runs inside the LightningModule.
 
-Both modules yield the batch contract of DESIGN.md without target states: ``input_ids [B, L] int64``,
+Both modules yield the batch contract of docs/design.md without target states: ``input_ids [B, L] int64``,
 ``loss_mask [B, L] bool``, ``attention_mask [B, L] bool`` (right padding).
 """
 

@@ -1,7 +1,8 @@
 """Eagle3: a one-layer autoregressive drafter trained with training-time test (TTT).
 
-Follows EAGLE-3 (Li et al., 2025, training-time test) as implemented in DeepSpec ``modeling/eagle3``
-(reference notes §2.2, §3.2) and served by SGLang's ``LlamaForCausalLMEagle3`` (SGLang notes §3, §9).
+Follows EAGLE-3 (Li et al., 2025, training-time test) as implemented in DeepSpec ``deepspec/modeling/eagle3/``
+(``common.py``, ``loss.py``) and served by SGLang's ``LlamaForCausalLMEagle3`` (SGLang 0.5.23
+``python/sglang/srt/models/llama_eagle3.py``).
 
 Design choices:
 - Input of the single decoder layer at draft step k is a pair ``(e, h)``: ``e`` the embedding of a token

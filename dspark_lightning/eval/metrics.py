@@ -1,6 +1,7 @@
 """Speculative-decoding metrics per suite, as a torchmetrics ``Metric`` (summed across ranks).
 
-Definitions (per suite, pooled over every round of every prompt; reference notes §7.3):
+Definitions (per suite, pooled over every round of every prompt, as DeepSpec's
+``deepspec/eval/base_evaluator.py::build_metrics_row`` does):
 
 * ``tau``: mean tokens produced per verify round, the correction/bonus token included (the paper's
   accepted length). A round that ends on an accepted stop token counts the tokens up to it.

@@ -1,5 +1,6 @@
-"""DeepSpec's checkpoint layout (``Qwen3DSparkModel`` / ``Qwen3Eagle3Model``), both ways (reference notes §1.1-1.2,
-§2, §5.5, §6).
+"""DeepSpec's checkpoint layout (``Qwen3DSparkModel`` / ``Qwen3Eagle3Model``), both ways: DeepSpec's
+``deepspec/modeling/{dspark,eagle3}/qwen3/{config,modeling}.py`` and ``deepspec/trainer/ckpt_manager.py``, and the
+released ``deepseek-ai/dspark_qwen3_4b_block7`` files.
 
 A DeepSpec draft directory is ``config.json`` + ``model.safetensors``: the config is the target's Qwen3 config
 with the draft keys on top (``num_target_layers``, ``num_hidden_layers`` = draft depth, ``block_size`` = gamma,

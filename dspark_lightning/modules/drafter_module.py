@@ -32,7 +32,7 @@ from ..targets import FrozenTarget, TargetConfig, load_target_config
 
 @dataclass
 class LossWeights:
-    """Weights of the loss terms (reference notes §3).
+    """Weights of the loss terms (DeepSpec ``deepspec/modeling/dspark/loss.py``, ``deepspec/modeling/eagle3/loss.py``).
 
     Args:
         ce: cross-entropy to the data token (DSpark 0.1, DFlash 1.0).

@@ -3,7 +3,7 @@
     python -m dspark_sglang.launch --target PATH --drafter EXPORT_DIR [--mode static|cap-accept|compact]
         [--sps-table F] [--sts F] [--dry-run] [-- sglang args...]
 
-What it sets (SGLang 0.5.23, reference/sglang.md §6-7):
+What it sets (SGLang 0.5.23: ``python/sglang/srt/arg_groups/fields/spec.py``, ``launch_server --help``):
 - DSpark: ``--speculative-algorithm DSPARK``, ``--speculative-dspark-block-size`` gamma (config ``block_size``) and
   ``--speculative-num-draft-tokens`` gamma + 1; env ``SGLANG_RAGGED_VERIFY_MODE`` = ``--mode``. With
   confidence scheduling (``cap-accept``/``compact``, which need the exported confidence head) also the SPS cost

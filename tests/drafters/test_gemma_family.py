@@ -1,5 +1,5 @@
-"""The target family is configuration: a Gemma4 target gives DeepSpec's Gemma4 drafter (reference notes §1.8,
-§2.2, §6) from the same modules that serve Qwen3 and Llama.
+"""The target family is configuration: a Gemma4 target gives DeepSpec's Gemma4 drafter
+(``deepspec/modeling/{dspark,eagle3}/gemma4/``) from the same modules that serve Qwen3 and Llama.
 
 Checked here: what ``DrafterConfig.resolve`` reads from a tiny Gemma4 text target built in-process (and from
 the two places transformers versions keep the full-attention geometry), the DeepSpec Gemma4 tensor names, one
@@ -120,7 +120,7 @@ def test_qwen3_and_llama_keep_the_pre_norm_layout(model_type):
 
 # ------------------------------------------------------------------------------------------------ names
 def gemma4_layer_shapes(prefix: str, attn_in: int) -> dict[str, tuple[int, ...]]:
-    """DeepSpec's Gemma4 layer (notes §1.8, §6): sandwich norms, layer_scalar, q/k norms, no v_proj (K = V)."""
+    """DeepSpec's Gemma4 layer (``gemma4/modeling.py``): sandwich norms, layer_scalar, q/k norms, no v_proj (K = V)."""
     return {prefix + "input_layernorm.weight": (H,), prefix + "post_attention_layernorm.weight": (H,),
             prefix + "pre_feedforward_layernorm.weight": (H,), prefix + "post_feedforward_layernorm.weight": (H,),
             prefix + "layer_scalar": (1,),
