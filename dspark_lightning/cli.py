@@ -29,12 +29,15 @@ class DSparkLightningCLI(LightningCLI):
         self.model.training_config_yaml = parser.dump(config, skip_none=False, skip_check=True)
 
     def instantiate_trainer(self, **kwargs):
-        """Every run ends with a printed summary (and ``summary.json``) unless the config adds its own."""
+        """Every run ends with a printed summary (and ``summary.json``) unless the config adds its own, and its progress
+        bar counts steps out of ``max_steps`` when steps bound the run (``modules/console.py``)."""
+        from .modules.console import use_step_progress_bar
         from .modules.summary import RunSummary
 
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, RunSummary) for c in trainer.callbacks):
             trainer.callbacks.append(RunSummary())
+        use_step_progress_bar(trainer)
         # Checkpoints go to <default_root_dir>/checkpoints rather than a per-run logger version folder, so
         # `fit --ckpt_path last` finds the previous run's last.ckpt.
         for callback in trainer.callbacks:
@@ -48,7 +51,9 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> DSparkLig
     import lightning as L
 
     from .modules import DrafterModule
+    from .modules.console import quiet_lightning
 
+    quiet_lightning()
     return DSparkLightningCLI(
         DrafterModule,
         L.LightningDataModule,
