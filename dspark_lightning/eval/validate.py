@@ -52,16 +52,17 @@ class DecodingRun:
         policy, gamma, threshold, sps_table, sts_temperatures: engine settings (see ``SpeculativeEngine`` and
             ``decoding.policies``).
         seed: base seed; each batch gets its own generator seeded from it, the suite and its first prompt.
+        engine_options: further ``SpeculativeEngine`` keywords (``static_shapes``, ``cuda_graphs``, ...).
     """
 
     def __init__(self, target: FrozenTarget, drafter: nn.Module | None, suite_names: Sequence[str], *,
                  temperature: float = 1.0, policy: str = "fixed", gamma: int | None = None, threshold: float = 0.5,
                  sps_table: str | SpsTable | None = None, sts_temperatures: Sequence[float] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, engine_options: dict[str, Any] | None = None) -> None:
         table = SpsTable.load(sps_table) if isinstance(sps_table, (str, Path)) else sps_table
         self.engine = SpeculativeEngine(target, drafter, gamma=gamma,
                                         policy=build_policy(policy, threshold=threshold, sps_table=table),
-                                        sts_temperatures=sts_temperatures)
+                                        sts_temperatures=sts_temperatures, **(engine_options or {}))
         self.suite_names = list(suite_names)
         self.temperature, self.seed = temperature, seed
         self.metric = DecodingMetrics(len(self.suite_names), self.engine.gamma).to(target.device)
