@@ -43,7 +43,11 @@ DEMO_DEVICE ?= $(eval DEMO_DEVICE := $(shell $(PYTHON) -c \
 DEMO_CONFIG = configs/demo/smollm2_dspark_$(DEMO_DEVICE).yaml
 DEMO_GPU_DATA = outputs/demo_gpu/regen_train.jsonl
 
+# Both cores for the fit, whose matmuls are large; PASSIVE makes idle OpenMP threads sleep instead of spin, which
+# on a busy machine (load 4-8 on 2 cores, measured) turned small matmuls 8-20x slower. The decoding step's matmuls
+# are a few rows each: one thread was faster there even under load.
 demo: export OMP_NUM_THREADS = 2
+demo: export OMP_WAIT_POLICY = PASSIVE
 demo: export HF_HUB_OFFLINE = 1
 demo: export TOKENIZERS_PARALLELISM = false
 demo: export MPLBACKEND = Agg
@@ -51,7 +55,7 @@ demo: venv
 	@echo "make demo: the $(DEMO_DEVICE) variant, $(DEMO_CONFIG)"
 	$(if $(filter gpu,$(DEMO_DEVICE)),$(MAKE) --no-print-directory $(DEMO_GPU_DATA))
 	$(PYTHON) -m dspark_lightning fit --config $(DEMO_CONFIG)
-	$(PYTHON) recipes/demo_decode.py --fit-config $(DEMO_CONFIG)
+	OMP_NUM_THREADS=1 $(PYTHON) recipes/demo_decode.py --fit-config $(DEMO_CONFIG)
 
 # The GPU demo trains on the conversations the SmolLM2 reproduction regenerated (shipped gzipped).
 $(DEMO_GPU_DATA): docs/results/smollm2/regen_train.jsonl.gz
