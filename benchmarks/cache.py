@@ -8,7 +8,8 @@ DataLoader workers, a Lightning ``fit`` from the cache), in one process, on one 
    payload and on-disk bytes per token beside DeepSpec's 30,726 B/token for the same geometry, with fp8's
    measured error.
 2. **Loader.** Streams those caches and the smoke-size cache with ``--workers`` workers: samples/s, tokens/s,
-   GB/s read from disk.
+   GB/s read from disk; with ``verify_sha256`` (the default: each shard copied, hashed and checked before its
+   first sample is used) and, for the bf16 and smoke caches, without it, which gives the check's cost.
 3. **Trainer.** ``fit`` of the smoke DSpark (``configs/smoke/dspark.yaml`` model) from the smoke cache:
    samples/s consumed by training steps, beside what the loader alone delivers.
 
@@ -59,10 +60,11 @@ def write_rows(path: Path, samples: int, tokens: int, vocab: int, seed: int = 0)
 
 
 def loader_rate(path: Path, workers: int, batch_size: int, num_anchors: int, hidden_dtype: str,
-                fp8_dequantize: str = "worker", epochs: int = 2) -> dict[str, float]:
+                fp8_dequantize: str = "worker", epochs: int = 2, verify_sha256: bool = True) -> dict[str, float]:
     """Steady-state rate of the train loader (the first batch of each epoch, i.e. worker start-up, excluded)."""
     dm = TargetCacheDataModule(str(path), batch_size=batch_size, num_workers=workers, shuffle_buffer=16,
-                               num_anchors=num_anchors, hidden_dtype=hidden_dtype, fp8_dequantize=fp8_dequantize)
+                               num_anchors=num_anchors, hidden_dtype=hidden_dtype, fp8_dequantize=fp8_dequantize,
+                               verify_sha256=verify_sha256)
     dm.setup("fit")
     manifest = read_manifest(str(path))
     bytes_per_sample = manifest["num_bytes"] / manifest["num_samples"]
@@ -177,16 +179,22 @@ def run(args: argparse.Namespace, root: Path) -> None:
 
     print(f"\n== Loader: TargetCacheDataModule, {args.workers} workers, steady state ==")
     print(f"{'cache':<40}{'samples/s':>11}{'tokens/s':>12}{'GB/s':>8}")
-    rates = {}
-    for name, path, batch, anchors, dtype, where in (
-        (f"Qwen3-4B size bf16 ({args.tokens} tok/sample)", root / "big-bfloat16", 1, 512, "bfloat16", "worker"),
-        ("  fp8, dequantised in the workers", root / "big-float8_e4m3fn", 1, 512, "bfloat16", "worker"),
-        ("  fp8, left for the device", root / "big-float8_e4m3fn", 1, 512, "bfloat16", "device"),
-        ("smoke (hidden 64, 48 tok/sample)", root / "smoke", 4, 16, "float32", "worker"),
+    rates, previous = {}, ""
+    for name, path, batch, anchors, dtype, where, verify in (
+        (f"Qwen3-4B size bf16 ({args.tokens} tok/sample)", root / "big-bfloat16", 1, 512, "bfloat16", "worker", True),
+        ("  same, verify_sha256 off", root / "big-bfloat16", 1, 512, "bfloat16", "worker", False),
+        ("  fp8, dequantised in the workers", root / "big-float8_e4m3fn", 1, 512, "bfloat16", "worker", True),
+        ("  fp8, left for the device", root / "big-float8_e4m3fn", 1, 512, "bfloat16", "device", True),
+        ("smoke (hidden 64, 48 tok/sample)", root / "smoke", 4, 16, "float32", "worker", True),
+        ("  same, verify_sha256 off", root / "smoke", 4, 16, "float32", "worker", False),
     ):
-        r = loader_rate(path, args.workers, batch, anchors, dtype, where)
+        r = loader_rate(path, args.workers, batch, anchors, dtype, where, verify_sha256=verify)
         rates[name] = r
         print(f"{name:<40}{r['samples_s']:>11,.1f}{r['tokens_s']:>12,.0f}{r['gb_s']:>8.3f}")
+        if not verify:
+            on = rates[previous]["samples_s"]
+            print(f"{'':<4}verify_sha256 costs {100 * (1 - on / r['samples_s']):.1f}% of the loader's rate here")
+        previous = name
     need = DEEPSPEC_STEP_TOKENS * DEEPSPEC_QWEN3_4B_BYTES_PER_TOKEN / DEEPSPEC_STEP_S / 1e9
     print(f"(an H200 training Qwen3-4B DSpark at DeepSpec's 105.6 ms per 4,096-token step reads "
           f"{DEEPSPEC_STEP_TOKENS / DEEPSPEC_STEP_S:,.0f} tokens/s = {need:.2f} GB/s of bf16 cache)")

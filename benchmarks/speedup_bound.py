@@ -16,8 +16,7 @@ round) speeds decoding up by ``τ * step / round``; the table prints it for the 
 
     python benchmarks/speedup_bound.py                       # batch 1, 30-layer target, 5-layer DSpark
     python benchmarks/speedup_bound.py --draft-layers 1 --tau 1.49 2.5 --goal 2.5
-    python benchmarks/speedup_bound.py --modes eager static   # the fixed-shape engine beside the default one
-    python benchmarks/speedup_bound.py --modes static static-compiled   # the passes compiled by torch.compile
+    python benchmarks/speedup_bound.py --modes eager compiled   # the passes compiled by torch.compile
 """
 
 from __future__ import annotations
@@ -57,9 +56,9 @@ def main() -> None:
     parser.add_argument("--tau", type=float, nargs="+", default=[1.49, 2.5, 4.0],
                         help="accepted lengths to evaluate (1.49: the SmolLM2 DSpark's macro tau at T = 0)")
     parser.add_argument("--goal", type=float, default=2.5, help="speed-up goal (issue 9: 2.5x at batch 1, T = 0)")
-    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "static", "static-compiled"],
-                        help="engine modes timed in the same turns (static: SpeculativeEngine(static_shapes=True); "
-                             "static-compiled: the draft pass and the round compiled, compile_passes=True)")
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                        help="engine modes timed in the same turns (compiled: the passes through torch.compile, "
+                             "compile_passes=True)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 

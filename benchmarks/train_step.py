@@ -22,9 +22,9 @@ from types import SimpleNamespace
 
 import torch
 
-from dspark_lightning.drafters import DFlash, DrafterConfig, DSpark, Eagle3
+from dspark_lightning.drafters import DrafterConfig, registry
 from dspark_lightning.drafters.blocks import sample_anchors
-from dspark_lightning.losses import block_drafter_loss, eagle3_ttt_loss
+from dspark_lightning.losses import LossWeights, drafter_loss
 
 REFERENCE_MS = {"dspark": (105.6, 80.8, 22.8), "dflash": (82.6, 60.6, 18.3)}  # eager, compiled, peak GiB
 
@@ -73,8 +73,7 @@ def build(algorithm: str, target: SimpleNamespace, args: argparse.Namespace) -> 
                             enable_confidence_head=algorithm == "dspark",
                             confidence_head_with_markov=algorithm == "dspark")
     cfg = cfg.resolve(target)
-    model = {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}[algorithm](cfg)
-    return model.to(args.device, torch.bfloat16), cfg
+    return registry.build(cfg).to(args.device, torch.bfloat16), cfg
 
 
 def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, compile_: str = "no",
@@ -84,7 +83,7 @@ def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, com
     backbone = model.backbone if algorithm == "dspark" else model
     backbone.attn_implementation = attn  # Eagle3: flex takes the sparse training-time-test mask
     if compile_ == "layers":
-        for layer in backbone.layers:
+        for layer in model.layers:
             layer.compile(mode=args.compile_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=6e-4, fused=device.type == "cuda")
@@ -96,25 +95,24 @@ def bench(algorithm: str, target: SimpleNamespace, args: argparse.Namespace, com
     hidden = torch.randn(1, L, m * H, generator=g).to(device, torch.bfloat16)
     last = torch.randn(1, L, H, generator=g).to(device, torch.bfloat16)
 
-    def step(anchors: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
-        if algorithm == "eagle3":
-            out = model(ids, hidden, loss_mask)
-            loss = eagle3_ttt_loss(out, model.compute_logits, last, model.target_logits).loss
-        else:
-            out = model(ids, hidden, loss_mask, anchors, valid)
-            loss = block_drafter_loss(out, model.compute_logits, last,
-                                      ce_weight=0.1 if algorithm == "dspark" else 1.0,
-                                      l1_weight=0.9 if algorithm == "dspark" else 0.0, fused=fused).loss
+    weights = LossWeights(ce=0.1 if algorithm == "dspark" else 1.0, l1=0.9 if algorithm == "dspark" else 0.0,
+                          fused=fused)
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = drafter_loss(model, model.training_forward(batch, hidden), last, weights).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
     compiled = torch.compile(step, dynamic=True, mode=args.compile_mode) if compile_ == "step" else step
+    anchors = model.training_anchors(cfg)
 
     def fn() -> torch.Tensor:  # anchors are drawn per step outside the compiled region, as the data loader does
-        anchors = sample_anchors(loss_mask, cfg.num_anchors) if algorithm != "eagle3" else (None, None)
-        return compiled(*anchors)
+        batch = {"input_ids": ids, "loss_mask": loss_mask}
+        if anchors:
+            batch["anchors"], batch["anchor_valid"] = sample_anchors(loss_mask, anchors)
+        return compiled(batch)
 
     for _ in range(args.warmup):
         fn()

@@ -109,6 +109,7 @@ class TargetConfig:
             given = [name for name in ("gguf_file", "revision") if getattr(self, name) is not None]
             if given:
                 raise ValueError(f"{given} only apply to a 'path' target; remove them from a 'tiny' target.")
+            check_config_keys(self.tiny, "tiny")
         elif self.init_on_device:
             raise ValueError(f"init_on_device=True only applies to a 'tiny' (random-init) target; path={self.path!r} "
                              "is loaded from its weights. Remove init_on_device.")
@@ -137,6 +138,82 @@ class TargetConfig:
     def config_hash(self, hf_config: PretrainedConfig | None = None) -> str:
         """sha256 of the canonical JSON of the HF config (give ``hf_config`` if loaded: saves a reload)."""
         return config_hash(hf_config if hf_config is not None else load_target_config(self))
+
+
+# Keys a transformers config accepts without an attribute of that name: legacy spellings it converts
+# (configuration_utils.PreTrainedConfig.__post_init__, modeling_rope_utils) and loading switches.
+_CONSUMED_CONFIG_KEYS = frozenset({
+    "torch_dtype", "rope_theta", "rope_scaling", "partial_rotary_factor", "output_attentions", "attn_implementation",
+    "experts_implementation", "name_or_path", "num_labels", "per_layer_config",
+})
+
+
+def check_config_keys(kwargs: dict[str, Any], where: str) -> None:
+    """Refuse keys the config class of ``kwargs["model_type"]`` does not know (nested sub-configs too).
+
+    A transformers config keeps an unknown key as an extra attribute and the real one at its default, so a typo
+    (``hidden_sise: 64``) would silently build a model of the default width (4096 for Qwen3).
+
+    Raises:
+        ValueError: an unknown ``model_type``, or keys the class has no attribute for (with the closest valid name).
+    """
+    from transformers import CONFIG_MAPPING
+
+    model_type = kwargs.get("model_type")
+    try:
+        cls = CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise ValueError(f"{where}: model_type={model_type!r} is not a transformers model type (e.g. 'qwen3', "
+                         f"'llama', 'gemma4_text', 'deepseek_v4').") from None
+    attributes = _config_attributes(cls)
+    known = attributes | _accepted_config_keys() | _popped_config_keys(cls)
+    unknown = sorted(k for k in kwargs if k not in known)
+    if unknown:
+        import difflib
+
+        hints = [f"{m[0]!r} for {k!r}" for k in unknown if (m := difflib.get_close_matches(k, sorted(attributes), n=1))]
+        hint = f" Did you mean {', '.join(hints)}?" if hints else ""
+        raise ValueError(f"{where}: unknown {model_type} config keys {unknown}: {cls.__name__} has no such attribute "
+                         f"and would silently keep its default instead.{hint} Valid keys: {sorted(attributes)}.")
+    for name, sub in (getattr(cls, "sub_configs", None) or {}).items():
+        value = kwargs.get(name)
+        if isinstance(value, dict):
+            check_config_keys({"model_type": sub.model_type, **value}, f"{where}.{name}")
+
+
+@functools.lru_cache(maxsize=32)
+def _config_attributes(cls: type) -> frozenset[str]:
+    """The model attributes of a transformers config class (its fields, aliases and sub-configs)."""
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    names |= set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    names |= set(getattr(cls, "attribute_map", None) or {}) | set(getattr(cls, "sub_configs", None) or {})
+    return frozenset(n for n in names if not n.startswith("_")) | {"model_type"}
+
+
+@functools.lru_cache(maxsize=32)
+def _popped_config_keys(cls: type) -> frozenset[str]:
+    """Extra keyword arguments a config class reads in its own ``__init__``/``__post_init__`` (Gemma4's
+    ``global_head_dim``, for one): the names it takes with ``kwargs.pop("...")`` or ``kwargs.get("...")``."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        for method in ("__init__", "__post_init__"):
+            if method in vars(klass):
+                try:
+                    names |= set(_KWARGS_READ.findall(inspect.getsource(vars(klass)[method])))
+                except (OSError, TypeError):  # no source (a C or generated method)
+                    continue
+    return frozenset(names)
+
+
+_KWARGS_READ = re.compile(r"""kwargs\.(?:pop|get)\(\s*["'](\w+)["']""")
+
+
+@functools.lru_cache(maxsize=1)
+def _accepted_config_keys() -> frozenset[str]:
+    """Keys every config takes besides its attributes: legacy spellings and generation defaults it pops."""
+    from transformers import GenerationConfig
+
+    return frozenset(_CONSUMED_CONFIG_KEYS | set(GenerationConfig._get_default_generation_params()))
 
 
 def config_hash(hf_config: PretrainedConfig) -> str:

@@ -1,8 +1,9 @@
 """``PreTrainedModel`` wrapper of a dspark_lightning drafter, shipped as remote code in ``hf`` exports.
 
-The exporter copies the drafter sources of the package next to this file (``drafter_config.py``,
-``drafter_layers.py``, ``drafter_dflash.py``, ``drafter_dspark.py``, ``drafter_eagle3.py``, ...) with their
-imports made local, so the model that loads here is the very code that was trained, not a re-implementation.
+The exporter copies the drafter sources of the package next to this file (``drafter_registry.py``, which builds
+the drafter of ``config.drafter["algorithm"]``, and what it imports: ``drafter_config.py``, ``drafter_layers.py``,
+``drafter_dflash.py``, ``drafter_dspark.py``, ``drafter_eagle3.py``, ...) with their imports made local, so the model
+that loads here is the very code that was trained, not a re-implementation.
 
 Usage::
 
@@ -24,18 +25,8 @@ from transformers import PreTrainedModel
 
 from .configuration_dspark_lightning import DSparkLightningConfig
 from .drafter_config import DrafterConfig
-from .drafter_dflash import DFlash
-from .drafter_dspark import DSpark
-from .drafter_eagle3 import Eagle3
 from .drafter_layers import RotaryEmbedding
-
-_DRAFTER_CLASSES = {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}
-
-
-def _drafter_class(algorithm: str) -> type[torch.nn.Module]:
-    if algorithm not in _DRAFTER_CLASSES:
-        raise ValueError(f"Unknown drafter algorithm {algorithm!r}; this wrapper loads {sorted(_DRAFTER_CLASSES)}.")
-    return _DRAFTER_CLASSES[algorithm]
+from .drafter_registry import build
 
 
 class DSparkLightningDrafter(PreTrainedModel):
@@ -48,7 +39,7 @@ class DSparkLightningDrafter(PreTrainedModel):
     def __init__(self, config: DSparkLightningConfig) -> None:
         super().__init__(config)
         drafter_config = DrafterConfig.from_dict(config.drafter)
-        self.drafter = _drafter_class(drafter_config.algorithm)(drafter_config)
+        self.drafter = build(drafter_config)  # the shipped copy of drafters/registry.py
         self.post_init()
 
     @classmethod

@@ -146,8 +146,8 @@ def decode_side_by_side(target: FrozenTarget, drafter: torch.nn.Module, suites: 
         out_dir: where ``eval.report.write_report`` writes the speculative run's report and plots (None: nowhere).
     """
     names = [s.name for s in suites]
-    alone = DecodingRun(target, None, names, temperature=0.0, engine_options=engine_options)
-    spec = DecodingRun(target, drafter, names, temperature=0.0, engine_options=engine_options)
+    alone = DecodingRun(target, None, names, temperature=0.0, **(engine_options or {}))
+    spec = DecodingRun(target, drafter, names, temperature=0.0, **(engine_options or {}))
     batches = make_batches(suites, batch_size=batch_size, max_new_tokens=max_new_tokens)
     result = SideBySide(prompts=[p for b in batches for p in batch_prompts(b)])
     for index, batch in enumerate(batches):

@@ -40,7 +40,8 @@ def mean_spread(values: list[float]) -> str:
 def tables(reports: dict[tuple[str, str, str], dict]) -> str:
     lines = []
     for temperature in sorted({t for t, _, _ in reports}, key=float, reverse=True):
-        drafters = [d for d in DRAFTERS if any(k[:2] == (temperature, d) for k in reports)]
+        found = {d for t, d, _ in reports if t == temperature}
+        drafters = [d for d in DRAFTERS if d in found] + sorted(found - set(DRAFTERS))  # e.g. dspark_2layer
         seeds = sorted({s for t, _, s in reports if t == temperature})
         suites = list(next(r for k, r in reports.items() if k[0] == temperature)["suites"])
         lines += [f"\n### T = {float(temperature):g} (mean over {', '.join(seeds)}; ± half the spread)\n",
@@ -71,8 +72,9 @@ def tables(reports: dict[tuple[str, str, str], dict]) -> str:
 def conditional_macro(report: dict, positions: int) -> list[float]:
     out = []
     for k in range(positions):
-        vals = [s["conditional_accept"][k] for s in report["suites"].values()
-                if k < len(s["conditional_accept"]) and not math.isnan(s["conditional_accept"][k])]
+        vals = [s["conditional_accept"][k] for s in report["suites"].values()  # None/NaN: no round got that far
+                if k < len(s["conditional_accept"]) and s["conditional_accept"][k] is not None
+                and not math.isnan(s["conditional_accept"][k])]
         out.append(statistics.mean(vals) if vals else math.nan)
     return out
 
@@ -90,8 +92,8 @@ def plot(reports: dict[tuple[str, str, str], dict], path: Path, positions: int =
         for (t, drafter, seed), report in sorted(reports.items()):
             if t != temperature:
                 continue
-            ax.plot(range(1, positions + 1), conditional_macro(report, positions), marker="o", color=colors[drafter],
-                    linestyle="-" if seed == "seed0" else "--", label=f"{drafter} {seed}")
+            ax.plot(range(1, positions + 1), conditional_macro(report, positions), marker="o",
+                    color=colors.get(drafter), linestyle="-" if seed == "seed0" else "--", label=f"{drafter} {seed}")
         ax.set(title=f"T = {float(temperature):g}: conditional acceptance (macro over suites)",
                xlabel="draft position k", ylabel="P(accept k | accepted < k)", ylim=(0, 0.5),
                xticks=range(1, positions + 1))

@@ -210,7 +210,7 @@ def test_builtin_target_configs_hold_the_reference_geometry():
                 c.num_key_value_heads) == geometry
         assert (c.head_dim, c.vocab_size, c.rms_norm_eps, c.max_position_embeddings) == (128, 151936, 1e-6, 40960)
         assert c.rope_parameters["rope_theta"] == 1_000_000 and c.hidden_act == "silu"
-    assert builtin_target_config("Qwen/Qwen3-4B").tie_word_embeddings is True  # §1.2: 4B ties its embeddings
+    assert builtin_target_config("Qwen/Qwen3-4B").tie_word_embeddings is True  # 4B ties (its config.json)
 
     gemma = builtin_target_config("google/gemma-4-12B-it")
     raw = json.loads((ROOT / "dspark_lightning/resources/target_configs/google--gemma-4-12B-it.json").read_text())

@@ -88,3 +88,34 @@ def test_a_target_initialised_on_device_is_built_on_the_ranks_device():
     assert module.device.type == "cpu" and module._load_target().device.type == "meta"
     default = smoke_module(trainer)
     assert default._load_target().device.type == "cpu"  # other targets load where the module is, as before
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", "dflash", "eagle3"])
+def test_compile_layers_compiles_every_decoder_layer_of_each_drafter_at_setup(algorithm):
+    """``fit --model.compile_layers true`` crashed at setup for DFlash (whose ``backbone`` is a method): setup
+    reaches the layers through the protocol's ``layers``, the same for every drafter."""
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "smoke" / f"{algorithm}.yaml")
+                            .read_text())["model"]
+    module = DrafterModule(DrafterConfig(**config["drafter"]), TargetConfig(**config["target"]), compile_layers=True,
+                           copy_target_embeddings=False)
+    names = list(module.state_dict())
+    module.setup("fit")
+    layers = module.drafter.layers
+    assert len(layers) == module.drafter_config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert list(module.state_dict()) == names  # compiled in place: checkpoints keep their names
+
+
+def test_hyper_parameters_pickled_before_loss_weights_moved_still_load_weights_only():
+    """LossWeights moved from modules/drafter_module.py to losses.py; checkpoints written from Python before that
+    name it under its old module, which the safe-globals list still accepts (modules/checkpoints.py)."""
+    import io
+
+    import dspark_lightning.modules  # noqa: F401 - registers the safe globals
+    from dspark_lightning.losses import LossWeights
+
+    buf = io.BytesIO()
+    torch.save({"loss": LossWeights(ce=0.3)}, buf, _use_new_zipfile_serialization=False)  # plain pickle names
+    old = buf.getvalue().replace(b"dspark_lightning.losses", b"dspark_lightning.modules.drafter_module")
+    assert b"dspark_lightning.modules.drafter_module\nLossWeights" in old
+    assert torch.load(io.BytesIO(old), weights_only=True)["loss"] == LossWeights(ce=0.3)

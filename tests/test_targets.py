@@ -141,6 +141,21 @@ def test_target_config_validation():
         load_tokenizer(TargetConfig(tiny=TINY["qwen3"]))
 
 
+def test_unknown_tiny_config_keys_are_refused_with_the_closest_name():
+    """A typo would otherwise be kept as an extra attribute while the real key keeps its default (4096 wide)."""
+    with pytest.raises(ValueError, match=r"tiny: unknown qwen3 config keys \['hidden_sise'\]: Qwen3Config has no such "
+                                         r"attribute.*Did you mean 'hidden_size' for 'hidden_sise'\?"):
+        TargetConfig(tiny={**TINY["qwen3"], "hidden_sise": 64})
+    with pytest.raises(ValueError, match=r"model_type='qwen9' is not a transformers model type"):
+        TargetConfig(tiny={"model_type": "qwen9", "hidden_size": 32})
+    with pytest.raises(ValueError, match=r"tiny.text_config: unknown gemma4_text config keys \['num_layers'\]"):
+        TargetConfig(tiny={"model_type": "gemma4", "text_config": {"num_layers": 2}})
+    # Keys transformers converts or reads itself are accepted: legacy RoPE keys, Gemma4's global_head_dim.
+    legacy = load_target_config(TargetConfig(tiny={**TINY["qwen3"], "rope_theta": 5e5, "torch_dtype": "float32"}))
+    assert legacy.rope_parameters["rope_theta"] == 5e5
+    TargetConfig(tiny={"model_type": "gemma4_text", "hidden_size": 32, "global_head_dim": 16})
+
+
 def test_missing_package_error_names_pip_command():
     cfg = TargetConfig(path="package:dspark_no_such_package")
     with pytest.raises(ModuleNotFoundError, match="pip install dspark-no-such-package"):

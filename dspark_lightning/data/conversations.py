@@ -44,10 +44,15 @@ def read_conversations(path: str | Path) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a row is not valid JSON or not one of the two shapes; the message names file and line.
+        ValueError: a row is not valid JSON or not one of the two shapes (the message names file and line), or the
+            file holds no rows.
     """
     path = conversations_path(path)
-    return [_parse_row(row, f"{path}:{lineno}", default_id=f"{path.stem}-{lineno}") for lineno, row in iter_jsonl(path)]
+    rows = [_parse_row(row, f"{path}:{lineno}", default_id=f"{path.stem}-{lineno}") for lineno, row in iter_jsonl(path)]
+    if not rows:
+        raise ValueError(f"{path} holds no rows (it is empty or has blank lines only); give a JSONL file with one "
+                         f"conversation or prompt per line.")
+    return rows
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

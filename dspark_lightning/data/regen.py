@@ -12,16 +12,28 @@ Back-ends:
   in flight per URL (threads), retries with back-off that move to the next URL, a JSONL file of failures.
   Non-standard sampling fields (``top_k``, ``min_p``, ``chat_template_kwargs``) go in the request body, as
   SGLang and vLLM accept them.
+* ``engine`` (the default when a ``target`` is given): the target alone through the project's own
+  :class:`~dspark_lightning.decoding.SpeculativeEngine` in this process, CUDA-graphed on a GPU, in large batches of
+  prompts of similar length (``data/generation.py``).
 * ``hf``: batched ``generate`` of the target's HF model in this process (left padding), for small targets.
 
+``input="synthesise"`` has the target write the prompts too (Magpie, ``data/synthesis.py``), then answers them,
+until ``max_answer_tokens`` answer tokens are written; in process only.
+
+Every row's ``regen`` record says how it was made: backend, model and target, the prompt source (the input's
+``source`` field or file name, or ``synthesised``), the sampling settings and seeds, and the answer tokens.
+``heldout`` names evaluation suites whose prompts (and copies of them, ``data/dedup.py``) are never answered.
+
 Output is appended one complete line per conversation; a rerun skips the ids already written (a partial last
-line from a killed run is cut off first) and retries the failures.
+line from a killed run is cut off first) and retries the failures. Each run appends its throughput (answer
+tokens/s) to ``<output>.runs.jsonl`` and prints it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 import urllib.error
@@ -34,8 +46,21 @@ from typing import Any, Literal
 
 from ..targets import TargetConfig
 from .conversations import read_conversations
+from .generation import (
+    SamplingSettings,
+    Throughput,
+    TokenGenerator,
+    answer_conversations,
+    derive_seed,
+    load_generation_tokenizer,
+    make_generator,
+    render_prompt_ids,
+    stop_token_ids,
+)
+from .synthesis import Synthesis, end_of_turn_ids
 
 Reasoning = Literal["inline", "field", "drop"]
+SYNTHESISE = "synthesise"  # the input that has the target write the prompts
 
 
 @dataclass
@@ -62,11 +87,20 @@ class Sampling:
     def template_kwargs(self) -> dict[str, Any]:
         return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
 
+    def record(self) -> dict[str, Any]:
+        """The settings as a row records them."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "max_tokens": self.max_tokens, "enable_thinking": self.enable_thinking}
+
+    def settings(self) -> SamplingSettings:
+        return SamplingSettings(self.temperature, self.top_p, self.top_k, self.min_p, self.max_tokens)
+
 
 @dataclass
 class _Item:
     out_id: Any
     row: dict[str, Any]
+    source: str = ""
 
 
 class _Failure(Exception):
@@ -121,10 +155,16 @@ def _prompt_messages(row: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _output_row(item: _Item, messages: list[dict[str, Any]], backend: str, model: str,
-                finish: list[str]) -> dict[str, Any]:
+                finish: list[str], record: dict[str, Any] | None = None) -> dict[str, Any]:
     extra = {k: v for k, v in item.row.items() if k not in ("id", "conversations", "turns", "regen")}
+    extra.setdefault("prompt_id", item.row["id"])  # the answers of one prompt share it (a split keeps them together)
     return {**extra, "id": item.out_id, "conversations": messages,
-            "regen": {"backend": backend, "model": model, "finish_reasons": finish}}
+            "regen": {"backend": backend, "model": model, "finish_reasons": finish, **(record or {})}}
+
+
+def _prompt_source(row: dict[str, Any], input: str) -> str:
+    """Where a given prompt came from: the row's ``source`` field, else the input file's name."""
+    return str(row.get("source") or Path(str(input).split(":", 1)[-1]).stem)
 
 
 def _with_reasoning(content: str, reasoning: str | None, mode: Reasoning) -> dict[str, Any]:
@@ -234,7 +274,9 @@ def _run_openai(backend: _OpenAIBackend, items: list[tuple[_Item, int]], out: _J
 
     def job(index: int, item: _Item, sample: int) -> dict[str, Any]:
         messages, finish = backend.answer(index, item, sample)
-        return _output_row(item, messages, "openai", backend.model, finish)
+        seed = None if backend.seed is None else backend.seed + sample
+        record = {"prompt_source": item.source, "answer_sampling": {**backend.sampling.record(), "seed": seed}}
+        return _output_row(item, messages, "openai", backend.model, finish, record)
 
     pending: dict[Future, _Item] = {}
     queue: Iterator = iter(enumerate(items))
@@ -262,90 +304,135 @@ def _run_openai(backend: _OpenAIBackend, items: list[tuple[_Item, int]], out: _J
     return ok, failed
 
 
-# ---------------------------------------------------------------------- in-process HF generate
-def _run_hf(target: TargetConfig, tokenizer_path: str | None, items: list[tuple[_Item, int]], sampling: Sampling,
-            batch_size: int, seed: int, out: _JsonlAppender, failures: _JsonlAppender, reasoning: Reasoning,
-            device: str, bar: Any) -> tuple[int, int]:
-    import torch
+# ---------------------------------------------------------------------- in process: engine or HF generate
+def _target_record(target: TargetConfig) -> dict[str, Any]:
+    return {"model": str(target.path or "tiny"), "target": target.identity()}
 
-    from ..targets import FrozenTarget, load_tokenizer
 
-    if tokenizer_path is not None:
-        from transformers import AutoTokenizer
+def _length_sorted_chunks(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Indices sorted by prompt length, cut into batches of ``batch_size`` (little padding), the batches in a seeded
+    random order: a run stopped early keeps a spread of lengths, not only the shortest."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    random.Random(seed).shuffle(chunks)
+    return chunks
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    else:
-        tokenizer = load_tokenizer(target)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    model = FrozenTarget.from_config(target, [0], device=dev).model
-    tokenizer.padding_side = "left"  # generation continues at the right edge of every row
-    if tokenizer.pad_token is None:  # e.g. a tokenizer read from GGUF: batching needs one; eos is masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    gen_kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "pad_token_id": pad, "eos_token_id": eos}
-    if sampling.temperature > 0:
-        gen_kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k or None, min_p=sampling.min_p or None)
-    else:
-        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    name = str(target.path or "tiny")
-    torch.manual_seed(seed)
+
+def _run_in_process(generator: TokenGenerator, tokenizer: Any, target: TargetConfig, items: list[tuple[_Item, int]],
+                    sampling: Sampling, batch_size: int, seed: int, out: _JsonlAppender, failures: _JsonlAppender,
+                    bar: Any, max_answer_tokens: int | None, time_limit_s: float | None) -> tuple[int, int, Throughput]:
+    """Answer ``items`` in batches of similar prompt length; each batch's rows are written once it is done."""
+    stop_ids = stop_token_ids(tokenizer, target)
+    kwargs = sampling.template_kwargs()
+    settings = sampling.settings()
+    record = {**_target_record(target), "seed": seed}
+    lengths = []
+    for item, _ in items:
+        first_turn = next((k for k, m in enumerate(_prompt_messages(item.row)) if m["role"] == "user"), 0)
+        lengths.append(len(render_prompt_ids(tokenizer, _prompt_messages(item.row)[:first_turn + 1], kwargs)))
+    throughput = Throughput()
+    started = time.perf_counter()
     ok = failed = 0
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        prompts = [_prompt_messages(item.row) for item, _ in chunk]
-        outputs: list[list[dict[str, Any]]] = [[] for _ in chunk]
-        finish: list[list[str]] = [[] for _ in chunk]
-        histories: list[list[dict[str, Any]]] = [[] for _ in chunk]
-        cursors = [0] * len(chunk)
+    for chunk_ids in _length_sorted_chunks(lengths, batch_size, seed):
+        if max_answer_tokens is not None and throughput.tokens >= max_answer_tokens:
+            break
+        if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
+            break
+        chunk = [items[i] for i in chunk_ids]
+        call_seed = derive_seed(seed, "answers", chunk[0][0].out_id)
+        t0 = time.perf_counter()
         try:
-            while True:
-                # Advance each conversation to its next user turn; batch all that have one.
-                active = []
-                for b, messages in enumerate(prompts):
-                    while cursors[b] < len(messages):
-                        message = messages[cursors[b]]
-                        cursors[b] += 1
-                        histories[b].append(message)
-                        outputs[b].append(message)
-                        if message["role"] == "user":
-                            active.append(b)
-                            break
-                if not active:
-                    break
-                texts = [tokenizer.apply_chat_template(histories[b], tokenize=False, add_generation_prompt=True,
-                                                       **sampling.template_kwargs()) for b in active]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-                with torch.no_grad():
-                    generated = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                               **gen_kwargs)
-                for row, b in enumerate(active):
-                    new = generated[row, enc["input_ids"].shape[1]:].tolist()
-                    stopped = eos in new
-                    text = tokenizer.decode(new[: new.index(eos)] if stopped else new, skip_special_tokens=True)
-                    histories[b].append({"role": "assistant", "content": text.strip()})
-                    outputs[b].append(_with_reasoning(text.strip(), None, reasoning))
-                    finish[b].append("stop" if stopped else "length")
+            answered = answer_conversations(generator, tokenizer, [_prompt_messages(item.row) for item, _ in chunk],
+                                            settings, stop_ids, call_seed, kwargs)
         except Exception as err:  # record the chunk as failed and go on
             for item, _ in chunk:
                 failures.write({"id": item.out_id, "error": f"{type(err).__name__}: {err}", "row": item.row})
             failed += len(chunk)
             bar.update(len(chunk))
             continue
-        for b, (item, _) in enumerate(chunk):
-            out.write(_output_row(item, outputs[b], "hf", name, finish[b]))
+        tokens = sum(sum(a.answer_tokens) for a in answered)
+        throughput.add(tokens, len(chunk), time.perf_counter() - t0)
+        for (item, _), done in zip(chunk, answered):
+            row_record = {**record, "answer_tokens": done.answer_tokens, "prompt_source": item.source,
+                          "answer_sampling": {**sampling.record(), "seed": call_seed}}
+            out.write(_output_row(item, done.messages, generator.backend, record["model"], done.finish_reasons,
+                                  row_record))
         ok += len(chunk)
         bar.update(len(chunk))
-    return ok, failed
+    return ok, failed, throughput
+
+
+def _log_run(out_path: Path, entry: dict[str, Any]) -> None:
+    """Append one run's summary (throughput included) to ``<output>.runs.jsonl``."""
+    with out_path.with_name(out_path.name + ".runs.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def _throughput_line(what: str, throughput: Throughput, backend: str, batch_size: int, unit: str = "tokens") -> str:
+    return (f"{what}: {throughput.tokens:,} {unit} in {throughput.seconds:.1f} s of generation: "
+            f"{throughput.tokens_per_s:,.0f} {unit}/s ({backend}, batch {batch_size})")
+
+
+def _run_synthesis(output: str, backend: str, target: TargetConfig, tokenizer_path: str | None,
+                   synthesis: Synthesis, sampling: Sampling, *, max_answer_tokens: int | None, num_samples: int,
+                   batch_size: int, heldout: list[str] | None, seed: int, device: str, time_limit_s: float | None,
+                   progress: bool) -> dict[str, Any]:
+    """``regen synthesise``: the target writes the prompts, then answers them (``data/synthesis.py``)."""
+    from .dedup import HeldoutFilter
+    from .synthesis import synthesise
+
+    tokenizer = load_generation_tokenizer(target, tokenizer_path)
+    started = time.time()
+    generator = make_generator(backend, target, tokenizer, device)
+    eos_ids = sorted(set(stop_token_ids(tokenizer, target)) - set(end_of_turn_ids(tokenizer, "assistant")))
+    result = synthesise(
+        generator, tokenizer, output, synthesis, sampling.settings(), answer_stop_ids=stop_token_ids(tokenizer, target),
+        eos_ids=eos_ids or [tokenizer.eos_token_id], max_answer_tokens=max_answer_tokens, num_samples=num_samples,
+        batch_size=batch_size, heldout=HeldoutFilter.from_suites(heldout) if heldout else None,
+        heldout_suites=heldout, seed=seed, record={"backend": backend, **_target_record(target)},
+        template_kwargs=sampling.template_kwargs(), time_limit_s=time_limit_s, progress=progress)
+    summary = {"mode": SYNTHESISE, "backend": backend, "batch_size": batch_size,
+               "prompt_batch_size": synthesis.batch_size, "written": result.written, "skipped": result.skipped,
+               "prompts_kept": result.prompts_kept, "answer_tokens_total": result.answer_tokens,
+               "dropped": result.dropped, "stopped_by": result.stopped_by,
+               "prompts": result.prompt_throughput.record(), "answers": result.answer_throughput.record(),
+               "answer_tokens_per_s": round(result.answer_throughput.tokens_per_s, 1),
+               "wall_seconds": round(time.time() - started, 1)}
+    _log_run(Path(output), summary)
+    print(_throughput_line("synthesised prompts", result.prompt_throughput, backend, synthesis.batch_size))
+    print(_throughput_line("answers", result.answer_throughput, backend, batch_size, "answer tokens"))
+    print(f"regen synthesise: {result.written} conversations written to {output} ({result.skipped} already there), "
+          f"{result.prompts_kept} prompts kept, dropped {result.dropped}, {result.answer_tokens:,} answer tokens in "
+          f"all; stopped by the {result.stopped_by}.")
+    return {"written": result.written, "failed": 0, "skipped": result.skipped, "prompts_kept": result.prompts_kept,
+            "answer_tokens": result.answer_tokens, "answer_tokens_per_s": summary["answer_tokens_per_s"],
+            "dropped": result.dropped, "stopped_by": result.stopped_by}
+
+
+def _drop_heldout(rows: list[dict[str, Any]], suites: list[str] | None, path: Path) -> list[dict[str, Any]]:
+    """The rows none of whose user turns copies a prompt of ``suites``; the others go to ``path`` (rewritten)."""
+    if not suites:
+        return rows
+    from .dedup import HeldoutFilter
+
+    heldout = HeldoutFilter.from_suites(suites)
+    kept, dropped = [], []
+    for row in rows:
+        match = next((m for m in (heldout.match(msg["content"]) for msg in _prompt_messages(row)
+                                  if msg["role"] == "user") if m), None)
+        (dropped if match else kept).append({"id": row["id"], "reason": "heldout", "match": match, "row": row}
+                                            if match else row)
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped), encoding="utf-8")
+    if dropped:
+        print(f"regen: {len(dropped)} prompts copy a held-out prompt of {suites} and are left out (see {path}).")
+    return kept
 
 
 # ---------------------------------------------------------------------- the command
 def regen(
     input: str,
     output: str,
-    backend: Literal["openai", "hf"] = "openai",
+    backend: Literal["openai", "engine", "hf"] | None = None,
     base_urls: list[str] | None = None,
     model: str | None = None,
     target: TargetConfig | None = None,
@@ -364,23 +451,32 @@ def regen(
     timeout_s: float = 600.0,
     api_key: str | None = None,
     failures: str | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str = "auto",
     seed: int = 0,
     max_prompts: int | None = None,
     progress: bool = True,
-) -> dict[str, int]:
-    """Regenerate the assistant turns of prompt JSONL with the target.
+    synthesis: Synthesis | None = None,
+    max_answer_tokens: int | None = None,
+    heldout: list[str] | None = None,
+    time_limit_s: float | None = None,
+) -> dict[str, Any]:
+    """Regenerate the assistant turns of prompt JSONL with the target, or have it write the prompts too.
 
     Args:
-        input: prompts JSONL: ``{"turns": [...]}`` or ``{id, conversations}`` rows (assistant turns dropped).
-        output: conversations JSONL, appended to (rerunning resumes: ids already there are skipped).
-        backend: ``openai`` (HTTP servers) or ``hf`` (in-process ``generate`` of ``target``).
+        input: prompts JSONL: ``{"turns": [...]}`` or ``{id, conversations}`` rows (assistant turns dropped); or
+            ``synthesise``: the target writes the prompts (``synthesis``), then answers them (in process only).
+        output: conversations JSONL, appended to (rerunning resumes: ids already there are skipped; a synthesis
+            run resumes from its done-index ``<output>.index.jsonl``).
+        backend: ``openai`` (HTTP servers), ``engine`` (the target alone through the project's speculative engine,
+            in process, CUDA-graphed on a GPU) or ``hf`` (in-process ``generate``); default ``engine`` when a
+            ``target`` is given, else ``openai``.
         base_urls: OpenAI API roots of the servers, e.g. ``["http://10.0.0.1:30000/v1", "http://10.0.0.2:30000/v1"]``.
         model: model name sent to the servers; default the first one ``GET /models`` lists.
-        target: the target for the ``hf`` backend (its tokenizer's chat template is used).
-        tokenizer: tokenizer directory overriding the target's (``hf`` backend).
-        temperature, top_p, top_k, min_p, max_tokens: sampling (``temperature=0``: greedy).
+        target: the target for the in-process back-ends (its tokenizer's chat template is used).
+        tokenizer: tokenizer directory overriding the target's (in process).
+        temperature, top_p, top_k, min_p, max_tokens: sampling of the answers (``temperature=0``: greedy). The
+            engine samples without ``min_p``.
         enable_thinking: ``chat_template_kwargs.enable_thinking`` (``None``: not sent).
         reasoning: where a separate reasoning text goes: ``inline`` (``<think>...</think>`` before the answer),
             ``field`` (``reasoning_content`` of the message) or ``drop``.
@@ -390,34 +486,59 @@ def regen(
         timeout_s: per request.
         api_key: bearer token; default ``$OPENAI_API_KEY``.
         failures: JSONL of prompts that failed (rewritten each run); default ``<output>.failures.jsonl``.
-        batch_size: prompts per ``generate`` call (``hf``).
-        device: ``auto``, ``cpu`` or ``cuda`` (``hf``).
-        seed: sampling seed (``hf``; sent as ``seed + sample`` to servers).
+        batch_size: conversations per ``generate`` call (in process; default 256 for ``engine``, 8 for ``hf``),
+            prompts of similar length together.
+        device: ``auto``, ``cpu`` or ``cuda`` (in process).
+        seed: sampling seed (in process: each call's seed is derived from it; sent as ``seed + sample`` to servers).
         max_prompts: use only the first prompts.
         progress: show a progress bar.
+        synthesis: how the target writes the prompts (``input="synthesise"``; default :class:`Synthesis`()).
+        max_answer_tokens: stop once this many answer tokens are written (synthesis: the budget; in process with
+            given prompts: no new batch starts after it).
+        heldout: evaluation suites (names or JSONL paths) whose prompts, and copies of them, are never answered
+            (``data/dedup.py``: near duplicates and shared 13-word n-grams), e.g. the six the SmolLM2 drafters are
+            validated on.
+        time_limit_s: start no new batch (synthesis: round) after this many seconds (in process), so a job under a
+            deadline stops between batches.
 
     Returns:
-        ``{"written", "failed", "skipped"}`` (skipped: already in ``output``).
+        ``{"written", "failed", "skipped"}`` (skipped: already in ``output``), the answer tokens and the throughput
+        (in process), and for a synthesis the prompts kept and the drop counts by reason.
     """
     from tqdm.auto import tqdm
 
+    backend = backend or ("engine" if target is not None else "openai")
+    if backend not in ("openai", "engine", "hf"):
+        raise ValueError(f"backend={backend!r}; choose 'openai', 'engine' or 'hf'.")
+    batch_size = batch_size or (256 if backend == "engine" else 8)
     if num_samples < 1 or concurrency < 1 or batch_size < 1 or max_retries < 0:
         raise ValueError("num_samples, concurrency and batch_size must be >= 1 and max_retries >= 0.")
+    if backend != "openai" and target is None:
+        raise ValueError(f"backend={backend!r} needs target (the model that answers).")
     sampling = Sampling(temperature, top_p, top_k, min_p, max_tokens, enable_thinking)
+    if input == SYNTHESISE:
+        if backend == "openai":
+            raise ValueError("input='synthesise' runs in process: give target (and backend 'engine' or 'hf').")
+        return _run_synthesis(output, backend, target, tokenizer, synthesis or Synthesis(), sampling,
+                              max_answer_tokens=max_answer_tokens, num_samples=num_samples, batch_size=batch_size,
+                              heldout=heldout, seed=seed, device=device, time_limit_s=time_limit_s, progress=progress)
     rows = read_conversations(input)[:max_prompts]
     out_path = Path(output)
+    rows = _drop_heldout(rows, heldout, out_path.with_name(out_path.name + ".dropped.jsonl"))
     done = _done_ids(out_path)
     items: list[tuple[_Item, int]] = []
     for row in rows:
         for k in range(num_samples):
             out_id = row["id"] if num_samples == 1 else f"{row['id']}-s{k}"
             if str(out_id) not in done:
-                items.append((_Item(out_id, row), k))
+                items.append((_Item(out_id, row, _prompt_source(row, input)), k))
     skipped = len(rows) * num_samples - len(items)
     out = _JsonlAppender(out_path)
     fail = _JsonlAppender(Path(failures) if failures else out_path.with_name(out_path.name + ".failures.jsonl"),
                           truncate=True)
     bar = tqdm(total=len(items), desc=f"regen ({backend})", unit="conv", disable=not progress)
+    throughput = None
+    started = time.time()
     try:
         if backend == "openai":
             client = _OpenAIBackend(base_urls or ["http://127.0.0.1:30000/v1"], model, sampling,
@@ -425,17 +546,21 @@ def regen(
                                     api_key=api_key or os.environ.get("OPENAI_API_KEY"), seed=seed,
                                     reasoning=reasoning)
             written, failed = _run_openai(client, items, out, fail, concurrency * len(client.base_urls), bar)
-        elif backend == "hf":
-            if target is None:
-                raise ValueError("backend='hf' needs target (the model that answers).")
-            written, failed = _run_hf(target, tokenizer, items, sampling, batch_size, seed, out, fail, reasoning,
-                                      device, bar)
         else:
-            raise ValueError(f"backend={backend!r}; choose 'openai' or 'hf'.")
+            tok = load_generation_tokenizer(target, tokenizer)
+            generator = make_generator(backend, target, tok, device)
+            written, failed, throughput = _run_in_process(generator, tok, target, items, sampling, batch_size, seed,
+                                                          out, fail, bar, max_answer_tokens, time_limit_s)
     finally:
         bar.close()
         out.close()
         fail.close()
+    result: dict[str, Any] = {"written": written, "failed": failed, "skipped": skipped}
+    if throughput is not None:
+        result.update(answer_tokens=throughput.tokens, answer_tokens_per_s=round(throughput.tokens_per_s, 1))
+        _log_run(out_path, {"mode": "answer", "backend": backend, "batch_size": batch_size, **result,
+                            "answers": throughput.record(), "wall_seconds": round(time.time() - started, 1)})
+        print(_throughput_line("answers", throughput, backend, batch_size, "answer tokens"))
     print(f"regen: {written} conversations written to {out_path}, {failed} failed"
           f"{f' (see {fail.f.name})' if failed else ''}, {skipped} already there.")
-    return {"written": written, "failed": failed, "skipped": skipped}
+    return result

@@ -1,12 +1,11 @@
-"""CUDA graphs for the engine's draft and verify passes (``SpeculativeEngine(cuda_graphs=True)``).
+"""CUDA graphs for the engine's passes (``SpeculativeEngine(cuda_graphs=True)``) and the SPS profile.
 
 A 135M target on the H200 spends about 95 % of a decode step launching kernels (``docs/results/performance.md``).
 A CUDA graph records a pass's kernels once and replays them with one launch. It replays fixed shapes from fixed
-addresses, which the engine's ``static_shapes`` mode provides: a preallocated slot KV cache, one of ``gamma + 1``
-verify widths per round (a graph per width), finished rows kept in the batch, a draft context of fixed capacity,
-and the round's state (slot validity, positions) in buffers updated in place. Inputs that change every round
-(anchors, drafts, verify lengths) are copied into the graph's own input buffers before each replay; its outputs
-are the same tensors every time, overwritten by each replay.
+addresses, which the engine's state provides (``state.py``): preallocated KV caches, finished rows kept in the batch,
+and every input and output of a pass in buffers updated in place, so a pass is a function of nothing
+(:class:`CapturedStep`). :class:`GraphedCall` captures a function of tensor arguments instead, copying them into its
+own input buffers before each replay.
 """
 
 from __future__ import annotations
@@ -15,6 +14,38 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+
+def _warm_up(fn: Callable[[], object], device: torch.device, warmup: int, reset: Callable[[], None] | None) -> None:
+    """Run ``fn`` ``warmup`` times on a side stream (lazy allocations, autotuning, cuBLAS workspaces happen outside
+    the graph), calling ``reset`` after each run."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+            if reset is not None:
+                reset()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+class CapturedStep:
+    """``fn()``, a pass that reads and writes only buffers that outlive it, captured once into a CUDA graph and
+    replayed by calling the object. ``reset`` undoes what the warm-up runs must not leave behind (counters advanced in
+    place); ``pool`` is a memory pool shared with the other graphs of one state (they never run concurrently, and
+    nothing one leaves in its pool is read by another)."""
+
+    def __init__(self, fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
+                 reset: Callable[[], None] | None = None, pool: object = None) -> None:
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"CapturedStep captures CUDA work; got device {device}.")
+        _warm_up(fn, torch.device(device), warmup, reset)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            fn()
+
+    def __call__(self) -> None:
+        self.graph.replay()
 
 
 class GraphedCall:
@@ -34,14 +65,7 @@ class GraphedCall:
         if not example_inputs or example_inputs[0].device.type != "cuda":
             raise ValueError("GraphedCall captures CUDA work: give it example inputs on a CUDA device.")
         self.inputs = tuple(x.clone() for x in example_inputs)
-        side = torch.cuda.Stream(device=self.inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*self.inputs)
-                if reset is not None:
-                    reset()
-        torch.cuda.current_stream().wait_stream(side)
+        _warm_up(lambda: fn(*self.inputs), self.inputs[0].device, warmup, reset)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = fn(*self.inputs)

@@ -47,6 +47,10 @@ class FixedLength:
         """The drafts every request verifies (known without looking at the confidences)."""
         return num_drafted if self.length is None else min(self.length, num_drafted)
 
+    def fixed_length(self, batch: int, num_drafted: int) -> int:
+        """What every request verifies in a batch of ``batch`` (the engine then runs fused rounds)."""
+        return self.verify_length(num_drafted)
+
     def __call__(self, confidence: Tensor | None, num_drafted: int, batch: int) -> Tensor:
         device = confidence.device if confidence is not None else None
         return torch.full((batch,), self.verify_length(num_drafted), dtype=torch.long, device=device)
@@ -57,6 +61,10 @@ class ConfidenceThreshold:
     """Verify drafts up to (excluding) the first position whose per-step confidence is below ``threshold``."""
 
     threshold: float
+
+    def fixed_length(self, batch: int, num_drafted: int) -> None:
+        """Never known ahead: it reads each round's confidences."""
+        return None
 
     def __call__(self, confidence: Tensor | None, num_drafted: int, batch: int) -> Tensor:
         if confidence is None:
@@ -77,6 +85,20 @@ class PrefixScheduler:
 
     sps: SpsTable
     backend: str | None = None
+    flat_tolerance: float = 0.03
+
+    def fixed_length(self, batch: int, num_drafted: int) -> int | None:
+        """``num_drafted`` when verifying every draft of a batch of ``batch`` requests costs at most ``flat_tolerance``
+        more step time than verifying the anchors alone, else None (decide each round).
+
+        On a flat table Algorithm 1 admits every draft whose survival is worth more than the step-time increase
+        (here at most 3 %), so at most the far tail of low-survival drafts would be cut; deciding per round costs a
+        host round trip and verify widths that vary, which cost more than that tail saves. The decision depends on
+        the table and the batch size only, never on a draft, so losslessness is untouched.
+        """
+        tokens = torch.tensor([batch, batch * (num_drafted + 1)], dtype=torch.float64)
+        anchors, everything = self.sps.step_time(tokens).tolist()
+        return num_drafted if everything <= anchors * (1 + self.flat_tolerance) else None
 
     def __call__(self, confidence: Tensor | None, num_drafted: int, batch: int) -> Tensor:
         if confidence is None:

@@ -1,11 +1,12 @@
 """A preallocated target KV cache for fixed-shape decoding (the engine's ``static_shapes`` mode and CUDA graphs).
 
-The engine's default cache is HF's ``DynamicCache``: every forward concatenates its new keys and values, so each
-step allocates and the attention width grows. Here every layer's keys and values live in one buffer of
-``capacity`` slots, allocated at the first write, and a forward writes its new tokens at the slots the engine
-names (:meth:`SlotKVCache.write_at`), in place. Attention always spans all ``capacity`` slots; the engine's 4-D mask
-hides the slots not written yet. The buffers, the slot index and so the shapes of a verify forward never change,
-which is what a captured CUDA graph needs.
+HF's ``DynamicCache`` concatenates every forward's new keys and values, so each step allocates and the attention
+width grows. Here every layer's keys and values live in one buffer of ``capacity`` slots, allocated at the first
+write, and a forward writes its new tokens at the slots the engine names (:meth:`SlotKVCache.write_at`), in place:
+the same slots for every row, or each row its own (the engine writes a row's tokens at their positions, so slot =
+position, and a round's rejected drafts are simply overwritten by the next round's tokens). Attention always spans
+all ``capacity`` slots; the engine's 4-D mask hides the slots that hold nothing committed. The buffers, the slot
+index and so the shapes of a verify forward never change, which is what a captured CUDA graph needs.
 
 HF attention layers call ``update(key, value, layer_idx, ...)`` on whatever cache object they are given, and the
 model asks ``get_seq_length()`` only when it is not given positions; this duck-typed cache answers both, whatever
@@ -32,15 +33,16 @@ class SlotKVCache:
         self.capacity = capacity
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
-        self.slots: Tensor | None = None  # where the next forward's tokens go, [T] int64 on the cache's device
+        self.slots: Tensor | None = None  # where the next forward's tokens go: [T] or [B, T] int64
         self.start = 0  # first slot of the next forward (what get_seq_length reports)
 
-    def write_at(self, slots: Tensor, start: int) -> None:
-        """The next forward writes its ``T`` tokens at ``slots [T]`` (in place, so a graph replays the same index
-        tensor once its values are updated); ``start`` is the first of them, for ``get_seq_length``."""
-        if int(start) + slots.numel() > self.capacity:
+    def write_at(self, slots: Tensor, start: int = 0) -> None:
+        """The next forward writes its ``T`` tokens at ``slots``: ``[T]`` for every row, or ``[B, T]`` per row (in
+        place, so a graph replays the same index tensor once its values are updated). ``start`` is the first slot of
+        a ``[T]`` write, for ``get_seq_length`` and the capacity check (the caller checks per-row slots)."""
+        if slots.dim() == 1 and int(start) + slots.numel() > self.capacity:
             raise ValueError(f"Writing {slots.numel()} tokens from slot {start} overflows capacity={self.capacity}; "
-                             "size the cache for prompt + generated tokens x (gamma + 1).")
+                             "size the cache for prompt + generated tokens + the tokens one round verifies.")
         self.slots, self.start = slots, int(start)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any,
@@ -52,8 +54,14 @@ class SlotKVCache:
             self.keys.append(key_states.new_zeros(b, h, self.capacity, d))
             self.values.append(value_states.new_zeros(b, h, self.capacity, value_states.shape[-1]))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys.index_copy_(2, self.slots, key_states.to(keys.dtype))
-        values.index_copy_(2, self.slots, value_states.to(values.dtype))
+        if self.slots.dim() == 1:
+            keys.index_copy_(2, self.slots, key_states.to(keys.dtype))
+            values.index_copy_(2, self.slots, value_states.to(values.dtype))
+        else:  # per row: [B, T] -> the [B, heads, T, head_dim] index scatter_ takes
+            b, h, t, d = key_states.shape
+            index = self.slots[:, None, :, None].expand(b, h, t, d)
+            keys.scatter_(2, index, key_states.to(keys.dtype))
+            values.scatter_(2, index.expand(b, h, t, value_states.shape[-1]), value_states.to(values.dtype))
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

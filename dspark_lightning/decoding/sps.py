@@ -8,9 +8,17 @@ With ``cuda_graphs`` the forward is replayed from a CUDA graph over a preallocat
 ``cuda_graphs`` mode runs it; a table for that mode must be measured that way (launching kernels one by one
 costs the same at every B on a small target, so the eager table is flat where the graphed one is not).
 
-JSON written and read: ``{"num_tokens": [B...], "steps_per_second": [SPS...], "requests": R,
-"context_length": L, "cuda_graphs": bool, "device": "...", "dtype": "...", "target": {...}}`` (a plain
-``{"B": SPS}`` mapping is read too).
+JSON written (``format``) and read (any of them):
+
+- ``dspark_lightning`` (default): ``{"num_tokens": [B...], "steps_per_second": [SPS...], "requests": R,
+  "context_length": L, "cuda_graphs": bool, "device": "...", "dtype": "...", "target": {...}}``;
+- ``sglang``: the same measurements as SGLang 0.5.23's ``SpsCostTable`` holds them, the file
+  ``--speculative-dspark-sps-table-path`` reads (``srt/speculative/dspark_components/dspark_sps.py``):
+  ``{"sample_batch_tokens": [B...], "sample_steps_per_sec": [SPS...], "max_batch_tokens": max B}`` plus the same
+  metadata keys, which SGLang's decoder ignores. Both count B as the tokens verified in one step over the whole
+  batch (SGLang: requests + scheduled draft tokens); SGLang reads the table as a step function (the largest probe
+  at or below B), this module interpolates step time;
+- a plain ``{"B": SPS}`` mapping (read only).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -29,6 +37,8 @@ from torch import Tensor
 from ..targets import FrozenTarget, TargetConfig
 from .graphs import GraphedCall
 from .slot_cache import SlotKVCache
+
+SPS_FORMATS = ("dspark_lightning", "sglang")
 
 
 def isotonic_fit(values: Sequence[float]) -> list[float]:
@@ -83,12 +93,23 @@ class SpsTable:
 
     @classmethod
     def load(cls, path: str | Path) -> SpsTable:
-        """Read a ``profile-sps`` JSON file (or a ``{"B": SPS}`` mapping)."""
-        data = json.loads(Path(path).read_text())
+        """Read a ``profile-sps`` JSON file of either format, or a ``{"B": SPS}`` mapping (module docstring)."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpsTable:
+        """The table of a parsed SPS JSON object: our format, SGLang's ``SpsCostTable``, or ``{"B": SPS}``."""
         if "num_tokens" in data:
-            return cls([int(b) for b in data["num_tokens"]], [float(s) for s in data["steps_per_second"]])
-        items = sorted((int(b), float(s)) for b, s in data.items())
-        return cls([b for b, _ in items], [s for _, s in items])
+            tokens, sps = data["num_tokens"], data["steps_per_second"]
+        elif "sample_batch_tokens" in data:
+            tokens, sps = data["sample_batch_tokens"], data["sample_steps_per_sec"]
+        elif "bias_seconds" in data:
+            raise ValueError("This is SGLang's additive SPS cost model (bias_seconds, alpha/theta probes), not a "
+                             "steps-per-second table; give a table of measured steps/s (profile-sps).")
+        else:
+            items = sorted((int(b), float(s)) for b, s in data.items())
+            tokens, sps = [b for b, _ in items], [s for _, s in items]
+        return cls([int(b) for b in tokens], [float(s) for s in sps])
 
     def step_time(self, tokens: Tensor) -> Tensor:
         """Seconds per step for ``tokens`` (any shape) verified in one step; float64."""
@@ -130,6 +151,8 @@ def profile_sps(
     iters: int = 10,
     device: str | None = None,
     cuda_graphs: bool = False,
+    format: Literal["dspark_lightning", "sglang"] = "dspark_lightning",
+    model: FrozenTarget | None = None,
 ) -> dict[str, Any]:
     """Profile SPS(B), the target's verify steps per second, on this device and write it as JSON.
 
@@ -148,6 +171,9 @@ def profile_sps(
         iters: timed forwards per count (the median is kept).
         device: ``cuda``, ``cpu``...; default CUDA when available.
         cuda_graphs: time the forward replayed from a CUDA graph (the engine's ``cuda_graphs`` mode); CUDA only.
+        format: ``dspark_lightning`` (``num_tokens`` / ``steps_per_second``) or ``sglang`` (SGLang's
+            ``SpsCostTable`` fields, for ``--speculative-dspark-sps-table-path``); :meth:`SpsTable.load` reads both.
+        model: the target already loaded on ``device`` (saves loading it again), else loaded from ``target``.
 
     Returns:
         The written table as a dict.
@@ -156,10 +182,12 @@ def profile_sps(
     counts = sorted(set(num_tokens or [requests * q for q in range(1, 9)]))
     if not counts or counts[0] < 1:
         raise ValueError(f"num_tokens={num_tokens} must be positive integers.")
+    if format not in SPS_FORMATS:
+        raise ValueError(f"format={format!r} is unknown; choose one of {SPS_FORMATS}.")
     if cuda_graphs and dev.type != "cuda":
         raise ValueError(f"cuda_graphs=True profiles CUDA graphs; the device is {dev}. Use a CUDA device or "
                          "cuda_graphs=False.")
-    model = FrozenTarget.from_config(target, [0], device=dev)
+    model = model if model is not None else FrozenTarget.from_config(target, [0], device=dev)
     vocab = model.vocab_size
     g = torch.Generator().manual_seed(0)
     sps: list[float] = []
@@ -181,8 +209,7 @@ def profile_sps(
         sps.append(1.0 / times[len(times) // 2])
         print(f"B={count:5d} ({rows} x {per_row}): {sps[-1]:9.2f} steps/s", flush=True)
     table = {
-        "num_tokens": counts,
-        "steps_per_second": sps,
+        **table_fields(counts, sps, format),
         "requests": requests,
         "context_length": context_length,
         "cuda_graphs": cuda_graphs,
@@ -195,6 +222,14 @@ def profile_sps(
     path.write_text(json.dumps(table, indent=2))
     print(f"SPS table written to {path}")
     return table
+
+
+def table_fields(num_tokens: list[int], steps_per_second: list[float], format: str) -> dict[str, Any]:
+    """The measurement keys of an SPS JSON file in ``format`` (module docstring)."""
+    if format == "sglang":
+        return {"sample_batch_tokens": num_tokens, "sample_steps_per_sec": steps_per_second,
+                "max_batch_tokens": max(num_tokens)}
+    return {"num_tokens": num_tokens, "steps_per_second": steps_per_second}
 
 
 def _verify_mask(rows: int, context_length: int, per_row: int, device: torch.device) -> Tensor:
@@ -247,8 +282,5 @@ def as_sps_table(value: SpsTable | str | Path | dict | Sequence | None) -> SpsTa
     if isinstance(value, (str, Path)):
         return SpsTable.load(value)
     if isinstance(value, dict):
-        if "num_tokens" in value:
-            return SpsTable(list(value["num_tokens"]), list(value["steps_per_second"]))
-        items = sorted((int(b), float(s)) for b, s in value.items())
-        return SpsTable([b for b, _ in items], [s for _, s in items])
+        return SpsTable.from_dict(value)
     raise TypeError(f"Cannot read an SPS table from {type(value).__name__}; give a JSON path or a dict.")

@@ -275,6 +275,44 @@ def softcap(logits: Tensor, cap: float | None) -> Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
+class LMHead(nn.Linear):
+    """The bias-free vocabulary projection, holding Gemma's final-logit soft cap (``softcap``, None for none).
+
+    ``lm_head(h)`` are the raw logits, as in HF; :meth:`logits` the capped ones, the one place a drafter caps its
+    logits (the fused loss reads the same ``softcap``)."""
+
+    def __init__(self, in_features: int, out_features: int, softcap: float | None = None, **kwargs: Any) -> None:
+        super().__init__(in_features, out_features, bias=False, **kwargs)
+        self.softcap = softcap
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return softcap(self(hidden), self.softcap)
+
+
+def project_target_features(fc: nn.Linear, target_hidden: Tensor) -> Tensor:
+    """``fc(target_hidden)`` for the concatenated target layer outputs [..., m*H], after checking their width."""
+    if target_hidden.shape[-1] != fc.in_features:
+        raise ValueError(
+            f"target_hidden has width {target_hidden.shape[-1]} but the drafter expects {fc.in_features} = "
+            f"len(target_layer_ids) x hidden_size; check target_layer_ids and the cache."
+        )
+    return fc(target_hidden.to(fc.weight.dtype))
+
+
+@torch.no_grad()
+def copy_target_embeddings(drafter: nn.Module, embed_weight: Tensor, lm_head_weight: Tensor,
+                           head_rows: Tensor | None = None) -> None:
+    """Copy the target's embedding [V, H] into ``drafter.embed_tokens`` and its lm_head [V, H] (rows ``head_rows``
+    only, for a reduced draft vocabulary) into ``drafter.lm_head``."""
+    expected = (drafter.config.vocab_size, drafter.config.hidden_size)
+    for name, w in (("embed_weight", embed_weight), ("lm_head_weight", lm_head_weight)):
+        if tuple(w.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(w.shape)}, expected [vocab, hidden] = {expected}.")
+    drafter.embed_tokens.weight.copy_(embed_weight)
+    rows = lm_head_weight if head_rows is None else lm_head_weight[head_rows.to(lm_head_weight.device)]
+    drafter.lm_head.weight.copy_(rows)
+
+
 def scale_embedding(embeds: Tensor, scale: float) -> Tensor:
     """Gemma's scaled embedding ``e * sqrt(H)``; the scale is rounded to the embedding dtype first, as HF
     Gemma's ``ScaledWordEmbedding`` (and so DeepSpec's Gemma4 drafter) does (in bf16, sqrt(3840) becomes 62.0)."""

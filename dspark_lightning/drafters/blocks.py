@@ -5,14 +5,22 @@ Layout (DeepSpec, paper §3.1): per anchor ``a`` the block input is ``[x_a, MASK
 the anchor slot predicts; in the ``zlab`` layout it has gamma+1 slots and only the mask slots predict.
 A block query sees context positions ``p < a`` (the anchor has not been through the target yet at
 inference) and every slot of its own block (bidirectional).
+
+:class:`BlockDrafter` holds what the block drafters (DFlash, DSpark, DSparkV4) share of the drafter protocol
+(``protocol.py``): gamma, the training forward over a batch, the target's embedding copy and the head of the fused loss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ._layers import copy_target_embeddings
+from .config import DrafterConfig
+from .protocol import LogitsHead
 
 
 def sample_anchors(
@@ -48,6 +56,65 @@ def sample_anchors(
         anchors = torch.cat([anchors, anchors.new_zeros(b, pad)], dim=1)
         valid = torch.cat([valid, valid.new_zeros(b, pad)], dim=1)
     return anchors, valid
+
+
+@dataclass
+class BlockDraftOutput:
+    """Training forward of a block drafter. ``N`` anchors, ``K`` = gamma predictions per block.
+
+    Logits are not materialised here (a [B*N*K, V] fp32 tensor is 2 GB at V=150k): the loss builds them
+    chunk by chunk with the drafter's ``compute_logits``.
+    """
+
+    hidden: Tensor  # [B, N, K, H] final-normed backbone states of the prediction slots
+    labels: Tensor  # [B, N, K] tokens to predict
+    prev_ids: Tensor  # [B, N, K] teacher-forced previous tokens (anchor first)
+    target_index: Tensor  # [B, N, K] positions whose target last hidden gives p_t
+    supervise: Tensor  # [B, N, K] bool
+    markov_features: Tensor | None = None  # [B, N, K, r] low-rank Markov features (DSpark)
+    confidence_logits: Tensor | None = None  # [B, N, K] fp32 (DSpark)
+
+
+class BlockDrafter(nn.Module):
+    """The protocol members every block drafter has alike. A subclass provides ``config``, ``embed_tokens``,
+    ``lm_head`` (an ``LMHead``), optionally ``markov_head``, and ``forward(input_ids, target_hidden, loss_mask,
+    anchors, anchor_valid) -> BlockDraftOutput``."""
+
+    config: DrafterConfig
+    holds_target_head = True  # the frozen lm_head is a copy of the target's, so p_t comes from the drafter
+
+    @property
+    def gamma(self) -> int:
+        return self.config.block_size
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """One block pass drafts its ``block_size`` tokens and no more."""
+        return self.config.block_size
+
+    @classmethod
+    def training_anchors(cls, config: DrafterConfig) -> int:
+        return config.num_anchors
+
+    def training_forward(self, batch: Mapping[str, Tensor], target_hidden: Tensor) -> BlockDraftOutput:
+        """The training pass over ``batch``'s blocks: its ``anchors``/``anchor_valid`` when it has them (the cache
+        DataModule draws them in its workers), else ``num_anchors`` drawn here (:func:`sample_anchors`)."""
+        anchors, valid = batch.get("anchors"), batch.get("anchor_valid")
+        if anchors is None:
+            anchors, valid = sample_anchors(batch["loss_mask"], self.config.num_anchors)
+        return self(batch["input_ids"], target_hidden, batch["loss_mask"], anchors, valid)
+
+    def load_target_embeddings(self, embed_weight: Tensor, lm_head_weight: Tensor) -> None:
+        """Copy the target's embedding and lm_head [V, H] into the frozen ``embed_tokens`` / ``lm_head``."""
+        copy_target_embeddings(self, embed_weight, lm_head_weight)
+
+    def logits_head(self) -> LogitsHead:
+        """The tensors behind ``compute_logits``, for the fused loss."""
+        markov_head = getattr(self, "markov_head", None)
+        # detach: the head is frozen by design, but under FSDP (use_orig_params) its weight is a view of a flat
+        # parameter that requires grad
+        return LogitsHead(self.lm_head.weight.detach(),
+                          markov_head.markov_w2.weight if markov_head is not None else None, self.lm_head.softcap)
 
 
 @dataclass

@@ -481,7 +481,8 @@ def _v4_geometry(get: Any, given: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _check_gemma4_target(get: Any) -> None:
-    """The Gemma4 drafter variant (DeepSpec §1.8) is defined for dense targets without per-layer inputs."""
+    """The Gemma4 drafter variant (DeepSpec ``deepspec/modeling/dspark/gemma4/modeling.py``, which asserts it) is
+    defined for dense targets without per-layer inputs."""
     if get("enable_moe_block"):
         raise ValueError(
             "The target is a Gemma4 MoE model (enable_moe_block=true); the Gemma4 drafter variant follows dense "

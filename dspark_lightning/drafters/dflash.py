@@ -14,40 +14,23 @@ Design (DSpark paper §3.1, DeepSpec ``modeling/dspark``, z-lab DFlash):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled, use_flex
-from .blocks import flex_block_mask, plan_blocks
+from ._layers import (
+    DecoderLayer,
+    LMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    init_weights,
+    project_target_features,
+    scale_embedding,
+    unfilled,
+    use_flex,
+)
+from .blocks import BlockDrafter, BlockDraftOutput, flex_block_mask, plan_blocks
 from .config import DrafterConfig
-
-
-@dataclass
-class BlockDraftOutput:
-    """Training forward of a block drafter. ``N`` anchors, ``K`` = gamma predictions per block.
-
-    Logits are not materialised here (a [B*N*K, V] fp32 tensor is 2 GB at V=150k): the loss builds them
-    chunk by chunk with :meth:`DFlash.compute_logits`.
-    """
-
-    hidden: Tensor  # [B, N, K, H] final-normed backbone states of the prediction slots
-    labels: Tensor  # [B, N, K] tokens to predict
-    prev_ids: Tensor  # [B, N, K] teacher-forced previous tokens (anchor first)
-    target_index: Tensor  # [B, N, K] positions whose target last hidden gives p_t
-    supervise: Tensor  # [B, N, K] bool
-    markov_features: Tensor | None = None  # [B, N, K, r] low-rank Markov features (DSpark)
-    confidence_logits: Tensor | None = None  # [B, N, K] fp32 (DSpark)
-
-
-@dataclass
-class Proposal:
-    """One drafted block per request."""
-
-    tokens: Tensor  # [B, K] drafted tokens
-    probs: Tensor  # [B, K, V] draft distribution each token was sampled from (one-hot at T=0)
-    confidence: Tensor | None = None  # [B, K] per-step conditional acceptance probabilities
+from .protocol import GREEDY, DraftSampler, Proposal
 
 
 class ContextKVCache:
@@ -59,12 +42,18 @@ class ContextKVCache:
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, *,
-                 device: torch.device | str, dtype: torch.dtype, capacity: int = 256) -> None:
+                 device: torch.device | str, dtype: torch.dtype, capacity: int = 256, static: bool = False) -> None:
         shape = (batch, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self.static = False
+        self.static = static
+
+    def select_rows(self, index: Tensor) -> None:
+        """Keep rows ``index`` (in that order)."""
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+        self.lengths = self.lengths[index]
 
     @property
     def capacity(self) -> int:
@@ -112,18 +101,7 @@ class ContextKVCache:
         return torch.arange(self._width(), device=self.lengths.device) < self.lengths[:, None]
 
 
-def sample(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Sample from ``softmax(logits / T)`` (argmax at T = 0); returns (tokens [...], probs [..., V] fp32)."""
-    if temperature <= 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.nn.functional.one_hot(tokens, logits.shape[-1]).float()
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
-    return tokens, probs
-
-
-class DFlash(nn.Module):
+class DFlash(BlockDrafter):
     """Parallel block drafter (see module docstring). Parameter names follow DeepSpec/SGLang."""
 
     #: Training attention: ``sdpa`` with the dense block mask, ``flex`` with the sparse one
@@ -142,7 +120,7 @@ class DFlash(nn.Module):
         self.hidden_norm = RMSNorm(h, config.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(h, config.rms_norm_eps)
-        self.lm_head = unfilled(nn.Linear, h, v, bias=False)
+        self.lm_head = unfilled(LMHead, h, v, softcap=config.final_logit_softcapping)
         self.rotary_emb = RotaryEmbedding.from_config(config)
         init_weights(self)
         self.embed_tokens.weight.requires_grad_(False)
@@ -158,17 +136,11 @@ class DFlash(nn.Module):
         ``markov_features`` must be None (the argument keeps one signature across block drafters)."""
         if markov_features is not None:
             raise ValueError("DFlash has no Markov head; markov_features must be None.")
-        return softcap(self.lm_head(hidden), self.config.final_logit_softcapping)
+        return self.lm_head.logits(hidden)
 
     def project_context(self, target_hidden: Tensor) -> Tensor:
         """target_hidden [B, L, m*H] -> C [B, L, H] (paper Eq. 2)."""
-        expected = self.fc.in_features
-        if target_hidden.shape[-1] != expected:
-            raise ValueError(
-                f"target_hidden has width {target_hidden.shape[-1]} but the drafter expects "
-                f"{expected} = len(target_layer_ids) x hidden_size; check target_layer_ids and the cache."
-            )
-        return self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+        return self.hidden_norm(project_target_features(self.fc, target_hidden))
 
     def context_kv(self, context: Tensor, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per-layer rotated context K/V [B, kv, L, dh] for C [B, L, H] at ``positions`` [B, L]."""
@@ -193,7 +165,8 @@ class DFlash(nn.Module):
             input_ids: [B, L] int64 tokens.
             target_hidden: [B, L, m*H] concatenated raw target layer outputs.
             loss_mask: [B, L] bool, True on trainable (assistant) tokens.
-            anchors, anchor_valid: [B, N] from :func:`blocks.sample_anchors`.
+            anchors, anchor_valid: [B, N] from :func:`blocks.sample_anchors` (:meth:`training_forward` reads them
+                from a batch or draws them).
         """
         cfg = self.config
         b, length = input_ids.shape
@@ -209,18 +182,20 @@ class DFlash(nn.Module):
         hidden = hidden.view(b, n, s, -1)[:, :, cfg.pred_offset:]  # [B, N, K, H]
         return BlockDraftOutput(hidden, plan.labels, plan.prev_ids, plan.target_index, plan.supervise)
 
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ inference (drafters/protocol.py)
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, capacity: int = 256) -> ContextKVCache:
+                  dtype: torch.dtype | None = None, capacity: int = 256, static: bool = False) -> ContextKVCache:
         w = self.fc.weight
         return ContextKVCache(len(self.layers), batch, self.config.attention_num_kv_heads,
                               self.config.attention_head_dim,
-                              device=device or w.device, dtype=dtype or w.dtype, capacity=capacity)
+                              device=device or w.device, dtype=dtype or w.dtype, capacity=capacity, static=static)
 
     @torch.no_grad()
-    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, counts: Tensor | None = None) -> None:
+    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, tokens_after: Tensor | None = None,
+                       counts: Tensor | None = None) -> None:
         """Commit target features of newly verified tokens: target_hidden [B, T, m*H], ``counts[b]`` of them
-        valid for row b (default all). Positions continue each row's cache length."""
+        valid for row b (default all). Positions continue each row's cache length. ``tokens_after`` is not read
+        (the context is the target's features alone)."""
         b, t, _ = target_hidden.shape
         if counts is None:
             counts = torch.full((b,), t, dtype=torch.long, device=target_hidden.device)
@@ -245,9 +220,10 @@ class DFlash(nn.Module):
         return self.backbone(block_ids, positions, ctx_kv, mask)[:, cfg.pred_offset:]
 
     @torch.no_grad()
-    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, temperature: float = 1.0,
-                generator: torch.Generator | None = None) -> Proposal:
-        """Draft gamma tokens per row, each sampled independently from ``softmax(U_k / T)``."""
-        logits = self.compute_logits(self.draft_hidden(cache, anchor_ids))
-        tokens, probs = sample(logits, temperature, generator)
+    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, sampler: DraftSampler = GREEDY,
+                num_tokens: int | None = None) -> Proposal:
+        """Draft ``num_tokens`` (default gamma) tokens per row, each drawn independently from its own logits."""
+        k = num_tokens or self.gamma
+        logits = self.compute_logits(self.draft_hidden(cache, anchor_ids)[:, :k])
+        tokens, probs = sampler(logits, 0)
         return Proposal(tokens, probs)

@@ -23,8 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from ._layers import init_weights, unfilled
+from .blocks import BlockDrafter, BlockDraftOutput
 from .config import DrafterConfig
-from .dflash import BlockDraftOutput, ContextKVCache, DFlash, Proposal, sample
+from .dflash import ContextKVCache, DFlash
+from .protocol import GREEDY, DraftSampler, Proposal
 
 
 class MarkovHead(nn.Module):
@@ -72,11 +74,10 @@ class MarkovHead(nn.Module):
 
 def sample_left_to_right(base: Tensor, hidden: Tensor, confidence_hidden: Tensor, anchor_ids: Tensor,
                          markov_head: MarkovHead | None, confidence_head: ConfidenceHead | None,
-                         prev_embed: Callable[[Tensor], Tensor | None], temperature: float,
-                         generator: torch.Generator | None) -> Proposal:
+                         prev_embed: Callable[[Tensor], Tensor | None], sampler: DraftSampler) -> Proposal:
     """Draft a block position by position: ``base`` [B, K, V] plus the Markov bias of the previous token (its
     features read ``hidden`` [B, K, H]), the confidence of each position read from ``confidence_hidden`` and the
-    previous token's embedding (``prev_embed``), then a sample from ``softmax(logits / T)``."""
+    previous token's embedding (``prev_embed``), then a draw through ``sampler``."""
     prev = anchor_ids
     state = markov_head.init_state(prev.shape, hidden) if markov_head is not None else None
     tokens, probs, conf = [], [], []
@@ -87,11 +88,12 @@ def sample_left_to_right(base: Tensor, hidden: Tensor, confidence_hidden: Tensor
             logits = logits + markov_head.bias(u).to(logits.dtype)
         if confidence_head is not None:
             conf.append(torch.sigmoid(confidence_head(confidence_hidden[:, k], prev_embed(prev))))
-        tok, p = sample(logits, temperature, generator)
-        tokens.append(tok)
+        tok, p = sampler(logits[:, None], k)
+        tokens.append(tok[:, 0])
         probs.append(p)
-        prev = tok
-    return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(conf, 1) if conf else None)
+        prev = tok[:, 0]
+    return Proposal(torch.stack(tokens, 1), None if sampler.greedy else torch.cat(probs, 1),
+                    torch.stack(conf, 1) if conf else None)
 
 
 class ConfidenceHead(nn.Module):
@@ -106,13 +108,14 @@ class ConfidenceHead(nn.Module):
         return self.proj(x).squeeze(-1).float()
 
 
-class DSpark(nn.Module):
+class DSpark(BlockDrafter):
     """DFlash backbone + Markov head + confidence head (see module docstring).
 
-    ``markov_sampler``: optional fused replacement of the vanilla head's sampling loop in :meth:`propose`,
+    ``markov_sampler``: optional fused replacement of the vanilla head's greedy loop in :meth:`propose`,
     ``(base [B, K, V], anchor_ids [B], markov_w1 [V, r], markov_w2 [V, r], temperature, generator) -> (tokens
-    [B, K], logits [B, K, V] fp32)``. None (the default, and what Hub copies of this file use) keeps the plain
-    loop; the decoding engine installs ``kernels.markov_sampling.markov_sampler`` (Triton on CUDA).
+    [B, K], logits [B, K, V] fp32)``, called with temperature 0. None (the default, and what Hub copies of this file
+    use) keeps the plain loop; the decoding engine installs ``kernels.markov_sampling.markov_sampler`` (Triton on
+    CUDA). Sampled drafts always go through the caller's :class:`~.protocol.DraftSampler`.
     """
 
     markov_sampler = None
@@ -149,8 +152,9 @@ class DSpark(nn.Module):
     def new_cache(self, batch: int, **kwargs) -> ContextKVCache:
         return self.backbone.new_cache(batch, **kwargs)
 
-    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, counts: Tensor | None = None) -> None:
-        self.backbone.extend_context(cache, target_hidden, counts)
+    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, tokens_after: Tensor | None = None,
+                       counts: Tensor | None = None) -> None:
+        self.backbone.extend_context(cache, target_hidden, tokens_after, counts)
 
     def _prev_embed(self, prev_ids: Tensor) -> Tensor | None:
         if self.confidence_head is None or self.confidence_head.proj.in_features == self.config.hidden_size:
@@ -168,32 +172,28 @@ class DSpark(nn.Module):
         return out
 
     @torch.no_grad()
-    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, temperature: float = 1.0,
-                generator: torch.Generator | None = None) -> Proposal:
-        """Draft gamma tokens: one backbone pass, then the Markov head samples left to right."""
-        hidden = self.backbone.draft_hidden(cache, anchor_ids)  # [B, K, H]
+    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, sampler: DraftSampler = GREEDY,
+                num_tokens: int | None = None) -> Proposal:
+        """Draft ``num_tokens`` (default gamma) tokens: one backbone pass, then the Markov head samples left to
+        right."""
+        hidden = self.backbone.draft_hidden(cache, anchor_ids)[:, :num_tokens or self.gamma]  # [B, K, H]
         base = self.backbone.compute_logits(hidden)
         if self.markov_head is None and self.confidence_head is None:
-            tokens, probs = sample(base, temperature, generator)
+            tokens, probs = sampler(base, 0)
             return Proposal(tokens, probs)
-        if self.markov_sampler is not None and self.markov_head is not None and self.markov_head.head_type == "vanilla":
-            return self._propose_vanilla(hidden, base, anchor_ids, temperature, generator)
+        vanilla = self.markov_head is not None and self.markov_head.head_type == "vanilla"
+        if self.markov_sampler is not None and vanilla and sampler.greedy:
+            return self._propose_vanilla_greedy(hidden, base, anchor_ids)
         return sample_left_to_right(base, hidden, hidden, anchor_ids, self.markov_head, self.confidence_head,
-                                    self._prev_embed, temperature, generator)
+                                    self._prev_embed, sampler)
 
-    def _propose_vanilla(self, hidden: Tensor, base: Tensor, anchor_ids: Tensor, temperature: float,
-                         generator: torch.Generator | None) -> Proposal:
-        """The vanilla head's left-to-right loop through :attr:`markov_sampler` (the decoding engine installs the
-        fused kernel of ``kernels/markov_sampling``), then confidences vectorised over K."""
+    def _propose_vanilla_greedy(self, hidden: Tensor, base: Tensor, anchor_ids: Tensor) -> Proposal:
+        """The vanilla head's greedy left-to-right loop through :attr:`markov_sampler` (the decoding engine installs
+        the fused kernel of ``kernels/markov_sampling``), then confidences vectorised over K."""
         head = self.markov_head
-        tokens, logits = self.markov_sampler(base, anchor_ids, head.markov_w1.weight, head.markov_w2.weight,
-                                             temperature, generator)
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-        else:
-            probs = torch.nn.functional.one_hot(tokens, logits.shape[-1]).float()
+        tokens, _ = self.markov_sampler(base, anchor_ids, head.markov_w1.weight, head.markov_w2.weight, 0.0, None)
         conf = None
         if self.confidence_head is not None:
             prev = torch.cat([anchor_ids[:, None], tokens[:, :-1]], dim=1)
             conf = torch.sigmoid(self.confidence_head(hidden, self._prev_embed(prev)))
-        return Proposal(tokens, probs, conf)
+        return Proposal(tokens, None, conf)

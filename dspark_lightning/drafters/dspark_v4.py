@@ -44,11 +44,12 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
     apply_rotary_pos_emb,
 )
 
-from ._layers import init_weights, unfilled
-from .blocks import plan_blocks
+from ._layers import LMHead, init_weights, project_target_features, unfilled
+from .blocks import BlockDrafter, BlockDraftOutput, plan_blocks
 from .config import DrafterConfig
-from .dflash import BlockDraftOutput, ContextKVCache, Proposal
+from .dflash import ContextKVCache
 from .dspark import ConfidenceHead, MarkovHead, sample_left_to_right
+from .protocol import GREEDY, DraftSampler, Proposal
 
 
 def stage_config(config: DrafterConfig) -> DeepseekV4Config:
@@ -107,7 +108,7 @@ class _InjectedContext:
         return full, full
 
 
-class DSparkV4(nn.Module):
+class DSparkV4(BlockDrafter):
     """DeepSeek-V4 stages + Markov head + confidence head (see module docstring); DSpark's training/inference API."""
 
     def __init__(self, config: DrafterConfig) -> None:
@@ -128,7 +129,7 @@ class DSparkV4(nn.Module):
             layer._can_checkpoint_with_cache = True
         self.hc_head = DeepseekV4HyperHead(hf)
         self.norm = DeepseekV4RMSNorm(h, hf.rms_norm_eps)
-        self.lm_head = unfilled(nn.Linear, h, v, bias=False)
+        self.lm_head = unfilled(LMHead, h, v)  # no soft cap
         self.rotary_emb = DeepseekV4RotaryEmbedding(hf)
         rank = config.markov_rank
         self.markov_head = MarkovHead(v, h, rank, config.markov_head_type) if config.has_markov_head else None
@@ -144,19 +145,14 @@ class DSparkV4(nn.Module):
     # ------------------------------------------------------------------ pieces
     def compute_logits(self, hidden: Tensor, markov_features: Tensor | None = None) -> Tensor:
         """``lm_head(h) + W2 u`` for final-normed ``hidden`` [..., H] (the target's last hidden too)."""
-        logits = self.lm_head(hidden)
+        logits = self.lm_head.logits(hidden)
         if markov_features is not None:
             logits = logits + self.markov_head.bias(markov_features).to(logits.dtype)
         return logits
 
     def project_context(self, target_hidden: Tensor) -> Tensor:
         """target_hidden [B, L, m*H] -> C [B, L, H] (paper Eq. 2)."""
-        if target_hidden.shape[-1] != self.fc.in_features:
-            raise ValueError(
-                f"target_hidden has width {target_hidden.shape[-1]} but the drafter expects {self.fc.in_features} = "
-                f"len(target_layer_ids) x hidden_size; check target_layer_ids and the cache."
-            )
-        return self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+        return self.hidden_norm(project_target_features(self.fc, target_hidden))
 
     def context_kv(self, context: Tensor, positions: Tensor) -> list[Tensor]:
         """Per-stage rotated context K=V [B, 1, T, dh] of C [B, T, H] at ``positions`` [B, T] (the stage's own
@@ -217,16 +213,17 @@ class DSparkV4(nn.Module):
                                plan.supervise)
         return self._heads(out, collapsed.view(b, n, s, -1))
 
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ inference (drafters/protocol.py)
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, capacity: int = 256) -> ContextKVCache:
+                  dtype: torch.dtype | None = None, capacity: int = 256, static: bool = False) -> ContextKVCache:
         """Context K=V per stage (stored as both keys and values of a :class:`ContextKVCache`, one KV head)."""
         w = self.fc.weight
         return ContextKVCache(len(self.layers), batch, 1, self.config.head_dim, device=device or w.device,
-                              dtype=dtype or w.dtype, capacity=capacity)
+                              dtype=dtype or w.dtype, capacity=capacity, static=static)
 
     @torch.no_grad()
-    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, counts: Tensor | None = None) -> None:
+    def extend_context(self, cache: ContextKVCache, target_hidden: Tensor, tokens_after: Tensor | None = None,
+                       counts: Tensor | None = None) -> None:
         """Commit target features of newly verified tokens (as :meth:`DFlash.extend_context`)."""
         b, t, _ = target_hidden.shape
         if counts is None:
@@ -248,13 +245,15 @@ class DSparkV4(nn.Module):
         return self.backbone(block_ids, positions, window_kv, idx >= 0)
 
     @torch.no_grad()
-    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, temperature: float = 1.0,
-                generator: torch.Generator | None = None) -> Proposal:
-        """Draft gamma tokens: one backbone pass, then the Markov head samples left to right."""
+    def propose(self, cache: ContextKVCache, anchor_ids: Tensor, sampler: DraftSampler = GREEDY,
+                num_tokens: int | None = None) -> Proposal:
+        """Draft ``num_tokens`` (default gamma) tokens: one backbone pass, then the Markov head samples left to
+        right."""
+        k = num_tokens or self.gamma
         hidden, collapsed = self.draft_hidden(cache, anchor_ids)
-        base = self.compute_logits(hidden)
-        return sample_left_to_right(base, hidden, collapsed, anchor_ids, self.markov_head, self.confidence_head,
-                                    self._prev_embed, temperature, generator)
+        base = self.compute_logits(hidden[:, :k])
+        return sample_left_to_right(base, hidden[:, :k], collapsed[:, :k], anchor_ids, self.markov_head,
+                                    self.confidence_head, self._prev_embed, sampler)
 
 
 def parameter_counts(drafter: DSparkV4) -> dict[str, int]:

@@ -14,7 +14,8 @@ Design choices:
     * input token ``x_{i+1+k}`` (0 beyond the end); input hidden ``fc(target_hidden_i)`` at ``k = 0``,
       else step ``k-1``'s output at ``i``; rotary position ``i + k``;
     * the output predicts ``x_{i+2+k}`` with target ``p_t = softmax(lm_head_target(target_last[i+1+k]))``;
-      it is supervised iff ``i+2+k < T`` and ``loss_mask[i+2+k]``;
+      it is supervised iff ``i+2+k < T`` and ``loss_mask[i+2+k]``: the supervised targets are exactly the answer
+      tokens (DeepSpec's ``loss_mask[i+k]`` rule trains a shifted set; ``losses.eagle3_ttt_loss`` says how);
     * query ``(k, i)`` attends to the step-0 keys ``(0, j)``, ``j <= i``, and to its own chain's keys
       ``(c, i)``, ``c = 1..k`` (keys accumulate across steps, as DeepSpec's DynamicCache does).
   This is exactly what chained inference computes, which the tests check.
@@ -30,7 +31,7 @@ Design choices:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -38,9 +39,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layers import DecoderLayer, RMSNorm, RotaryEmbedding, init_weights, scale_embedding, softcap, unfilled, use_flex
+from ._layers import (
+    DecoderLayer,
+    LMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    copy_target_embeddings,
+    init_weights,
+    project_target_features,
+    scale_embedding,
+    unfilled,
+    use_flex,
+)
 from .config import DrafterConfig
-from .dflash import ContextKVCache, Proposal, sample
+from .dflash import ContextKVCache
+from .protocol import GREEDY, DraftSampler, Proposal
 
 KV = tuple[Tensor, Tensor]
 
@@ -88,16 +101,21 @@ class Eagle3Cache(ContextKVCache):
     is the state the next proposal starts from. ``lengths[b]`` is row b's number of committed positions."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, hidden_size: int, *,
-                 device: torch.device | str, dtype: torch.dtype, capacity: int = 256) -> None:
-        super().__init__(1, batch, kv_heads, head_dim, device=device, dtype=dtype, capacity=capacity)
+                 device: torch.device | str, dtype: torch.dtype, capacity: int = 256, static: bool = False) -> None:
+        super().__init__(1, batch, kv_heads, head_dim, device=device, dtype=dtype, capacity=capacity, static=static)
         self.last_hidden = torch.zeros(batch, hidden_size, device=device, dtype=dtype)
+
+    def select_rows(self, index: Tensor) -> None:
+        super().select_rows(index)
+        self.last_hidden = self.last_hidden[index]
 
 
 class Eagle3DecoderLayer(DecoderLayer):
     """Eagle3's layer: ``h' = h + o_proj(attn([input_layernorm(e) ; hidden_norm(h)]))``, then
-    ``h' += mlp(post_attention_layernorm(h'))``. With Gemma4 sandwich norms (DeepSpec §2.2) the residual part is
-    :meth:`DecoderLayer.residual`'s: the attention output is normed before it is added, the MLP is wrapped in
-    ``pre/post_feedforward_layernorm`` and the result is scaled by ``layer_scalar``."""
+    ``h' += mlp(post_attention_layernorm(h'))``. With Gemma4 sandwich norms (DeepSpec
+    ``deepspec/modeling/eagle3/gemma4/``) the residual part is :meth:`DecoderLayer.residual`'s: the attention output
+    is normed before it is added, the MLP is wrapped in ``pre/post_feedforward_layernorm`` and the result is scaled
+    by ``layer_scalar``."""
 
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__(config, attn_in_features=2 * config.hidden_size)
@@ -161,7 +179,7 @@ class Eagle3(nn.Module):
         self.fc = nn.Linear(m * h, h, bias=False)
         self.layers = nn.ModuleList([Eagle3DecoderLayer(config)])
         self.norm = RMSNorm(h, config.rms_norm_eps)
-        self.lm_head = unfilled(nn.Linear, h, draft_vocab, bias=False)
+        self.lm_head = unfilled(LMHead, h, draft_vocab, softcap=config.final_logit_softcapping)
         self.rotary_emb = RotaryEmbedding.from_config(config)
         if config.draft_vocab_size is not None:
             # Placeholder map (the first Vd tokens) until set_draft_vocab installs the real one.
@@ -206,17 +224,14 @@ class Eagle3(nn.Module):
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
-    @torch.no_grad()
+    @property
+    def holds_target_head(self) -> bool:
+        """A full-vocabulary ``lm_head`` is the target's (frozen copy); a reduced one is the drafter's own."""
+        return not self.reduced_vocab
+
     def load_target_embeddings(self, embed_weight: Tensor, lm_head_weight: Tensor) -> None:
         """Copy the target's embedding [V, H] and lm_head [V, H]; a reduced head takes rows ``hot_ids``."""
-        expected = (self.config.vocab_size, self.config.hidden_size)
-        for name, w in (("embed_weight", embed_weight), ("lm_head_weight", lm_head_weight)):
-            if tuple(w.shape) != expected:
-                raise ValueError(f"{name} has shape {tuple(w.shape)}, expected [vocab, hidden] = {expected}.")
-        self.embed_tokens.weight.copy_(embed_weight)
-        hot = self.hot_ids
-        rows = lm_head_weight if hot is None else lm_head_weight[hot.to(lm_head_weight.device)]
-        self.lm_head.weight.copy_(rows)
+        copy_target_embeddings(self, embed_weight, lm_head_weight, self.hot_ids)
 
     # ------------------------------------------------------------------ pieces
     def embed(self, ids: Tensor) -> Tensor:
@@ -224,7 +239,7 @@ class Eagle3(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Draft logits ``lm_head(norm(h))`` (+ soft cap) over the draft vocabulary from *pre-norm* states."""
-        return softcap(self.lm_head(self.norm(hidden)), self.config.final_logit_softcapping)
+        return self.lm_head.logits(self.norm(hidden))
 
     def target_logits(self, target_last_hidden: Tensor) -> Tensor:
         """Target logits from final-normed target states, valid only when ``lm_head`` is the target's."""
@@ -233,18 +248,22 @@ class Eagle3(nn.Module):
                 "With a reduced draft vocabulary the drafter does not hold the target lm_head; pass the "
                 "target's own head (softcap(h @ W_target.T)) to the loss instead."
             )
-        return softcap(self.lm_head(target_last_hidden), self.config.final_logit_softcapping)
+        return self.lm_head.logits(target_last_hidden)
 
     def project_hidden(self, target_hidden: Tensor) -> Tensor:
         """target_hidden [B, T, m*H] -> fc(.) [B, T, H] (no norm: the layer's hidden_norm follows)."""
-        if target_hidden.shape[-1] != self.fc.in_features:
-            raise ValueError(
-                f"target_hidden has width {target_hidden.shape[-1]} but the drafter expects "
-                f"{self.fc.in_features} = len(target_layer_ids) x hidden_size; check target_layer_ids."
-            )
-        return self.fc(target_hidden.to(self.fc.weight.dtype))
+        return project_target_features(self.fc, target_hidden)
 
     # ------------------------------------------------------------------ training
+    @classmethod
+    def training_anchors(cls, config: DrafterConfig) -> None:
+        """None: the training-time test runs from every position, it takes no anchors."""
+        return None
+
+    def training_forward(self, batch: Mapping[str, Tensor], target_hidden: Tensor) -> Eagle3Output:
+        """:meth:`forward` on a batch of the batch contract."""
+        return self(batch["input_ids"], target_hidden, batch["loss_mask"])
+
     def forward(self, input_ids: Tensor, target_hidden: Tensor, loss_mask: Tensor) -> Eagle3Output:
         """Training-time test over ``ttt_length`` steps (semantics in the module docstring).
 
@@ -278,31 +297,42 @@ class Eagle3(nn.Module):
         return Eagle3Output(torch.stack(hidden), torch.stack(labels), torch.stack(target_index),
                             torch.stack(supervise))
 
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ inference (drafters/protocol.py)
+    @property
+    def gamma(self) -> int:
+        """The trained chain length (``ttt_length``); ``propose`` can draft more."""
+        return self.config.ttt_length
+
+    @property
+    def max_draft_tokens(self) -> None:
+        """A chain drafts as many tokens as asked (past ``ttt_length`` it runs untrained steps)."""
+        return None
+
     def new_cache(self, batch: int, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, capacity: int = 256) -> Eagle3Cache:
+                  dtype: torch.dtype | None = None, capacity: int = 256, static: bool = False) -> Eagle3Cache:
         w = self.fc.weight
         cfg = self.config
         return Eagle3Cache(batch, cfg.attention_num_kv_heads, cfg.attention_head_dim, cfg.hidden_size,
-                           device=device or w.device, dtype=dtype or w.dtype, capacity=capacity)
+                           device=device or w.device, dtype=dtype or w.dtype, capacity=capacity, static=static)
 
     @torch.no_grad()
-    def extend_context(self, cache: Eagle3Cache, target_hidden: Tensor, tokens: Tensor,
+    def extend_context(self, cache: Eagle3Cache, target_hidden: Tensor, tokens_after: Tensor,
                        counts: Tensor | None = None) -> None:
         """Commit verified positions: feature ``h_j`` paired with the *next* token ``x_{j+1}``.
 
         Args:
             cache: from :meth:`new_cache`; row b's new positions start at ``cache.lengths[b]``.
             target_hidden: [B, T, m*H] target features of the new positions.
-            tokens: [B, T] the token following each of those positions (prefill of a prompt x_0..x_n:
+            tokens_after: [B, T] the token following each of those positions (prefill of a prompt x_0..x_n:
                 features h_0..h_{n-1} with tokens x_1..x_n; after a round: the verified positions' features
                 with the committed tokens, accepted drafts then the bonus).
             counts: [B] how many of the T entries are valid per row (default all); rows with 0 are untouched.
         """
+        tokens = tokens_after
         b, t = tokens.shape
         if tuple(target_hidden.shape[:2]) != (b, t):
             raise ValueError(
-                f"target_hidden {tuple(target_hidden.shape)} and tokens {tuple(tokens.shape)} must share "
+                f"target_hidden {tuple(target_hidden.shape)} and tokens_after {tuple(tokens.shape)} must share "
                 "[batch, positions]: one next token per feature."
             )
         device = tokens.device
@@ -316,7 +346,7 @@ class Eagle3(nn.Module):
         h_in = self.project_hidden(target_hidden)
         h, kv = self.layers[0](self.embed(tokens), h_in, cos, sin, cache.view(0), mask)
         last = h[torch.arange(b, device=device), (counts - 1).clamp(min=0)].to(cache.last_hidden.dtype)
-        cache.last_hidden = torch.where(counts[:, None] > 0, last, cache.last_hidden)
+        cache.last_hidden.copy_(torch.where(counts[:, None] > 0, last, cache.last_hidden))  # in place: graphs read it
         cache.append([kv], counts)
 
     def _chain(self, cache: Eagle3Cache, num_steps: int,
@@ -356,26 +386,29 @@ class Eagle3(nn.Module):
         return draft_ids if hot is None else hot[draft_ids]
 
     @torch.no_grad()
-    def propose(self, cache: Eagle3Cache, temperature: float = 1.0, generator: torch.Generator | None = None,
+    def propose(self, cache: Eagle3Cache, anchor_ids: Tensor | None = None, sampler: DraftSampler = GREEDY,
                 num_tokens: int | None = None) -> Proposal:
-        """Draft ``num_tokens`` (default ttt_length) tokens per row, chain-wise from ``cache.last_hidden``.
+        """Draft ``num_tokens`` (default ttt_length) tokens per row, chain-wise from ``cache.last_hidden`` (the anchor
+        entered the cache with the last :meth:`extend_context`, so ``anchor_ids`` is not read).
 
-        Returns target-vocabulary tokens [B, K] and the probabilities they were drawn from [B, K, V]
-        (zero outside the draft vocabulary). The cache is unchanged: after verification, call
+        Returns target-vocabulary tokens [B, K] and the probabilities they were drawn from [B, K, V] (zero outside
+        the draft vocabulary; None when greedy). The cache is unchanged: after verification, call
         :meth:`extend_context` with the verified features and the committed tokens.
         """
-        num_tokens = num_tokens or self.config.ttt_length
+        num_tokens = num_tokens or self.gamma
         drafted, probs = [], []
 
         def draw(k: int, h: Tensor) -> Tensor:
-            token, p = sample(self.compute_logits(h), temperature, generator)
-            drafted.append(self._to_target(token))
+            token, p = sampler(self.compute_logits(h)[:, None], k)
+            drafted.append(self._to_target(token[:, 0]))
             probs.append(p)
             return drafted[-1]
 
         states, _ = self._chain(cache, num_tokens, draw)
         draw(num_tokens - 1, states[:, -1])
-        p = torch.stack(probs, 1)  # [B, K, Vd]
+        if sampler.greedy:
+            return Proposal(torch.stack(drafted, 1), None)
+        p = torch.cat(probs, 1)  # [B, K, Vd]
         if self.hot_ids is not None:
             full = p.new_zeros(*p.shape[:2], self.config.vocab_size)
             p = full.index_copy_(2, self.hot_ids, p)

@@ -42,7 +42,7 @@ class DecodingMetrics(Metric):
         self.num_suites, self.gamma = num_suites, gamma
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
         for name in ("rounds", "tokens", "kept_tokens", "offered", "samples", "steps", "draft_seconds",
-                     "verify_seconds"):
+                     "verify_seconds", "round_seconds"):
             self.add_state(name, default=zeros(num_suites), dist_reduce_fx="sum")
         for name in ("survived", "offered_at", "reached"):
             self.add_state(name, default=zeros(num_suites, gamma), dist_reduce_fx="sum")
@@ -60,6 +60,7 @@ class DecodingMetrics(Metric):
         self.steps[suite] += rounds.draft_seconds.numel()
         self.draft_seconds[suite] += rounds.draft_seconds.sum().to(dev)
         self.verify_seconds[suite] += rounds.verify_seconds.sum().to(dev)
+        self.round_seconds[suite] += rounds.round_seconds.sum().to(dev)
         was_offered = offered[:, None] >= position[None]
         self.offered_at[suite] += was_offered.sum(0)
         self.survived[suite] += (accepted[:, None] >= position[None]).sum(0)
@@ -68,7 +69,6 @@ class DecodingMetrics(Metric):
     def compute(self) -> dict[str, Tensor]:
         """Per-suite tensors ([S] or [S, gamma]); NaN where nothing was counted."""
         div = lambda a, b: a / torch.where(b > 0, b, torch.nan)
-        seconds = self.draft_seconds + self.verify_seconds
         return {
             "tau": div(self.tokens, self.rounds),
             "accept_rate": div(self.survived, self.offered_at),
@@ -77,7 +77,7 @@ class DecodingMetrics(Metric):
             "mean_proposal": div(self.offered, self.rounds),
             "draft_ms": 1e3 * div(self.draft_seconds, self.steps),
             "verify_ms": 1e3 * div(self.verify_seconds, self.steps),
-            "tokens_per_second": div(self.kept_tokens, seconds),
+            "tokens_per_second": div(self.kept_tokens, self.round_seconds),
             "num_rounds": self.rounds.clone(),
             "num_samples": self.samples.clone(),
         }

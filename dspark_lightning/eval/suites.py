@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -31,7 +29,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..data.conversations import iter_jsonl
+from ..data.benchmarks import (  # noqa: F401 - re-exported: the suite names and files live in data/
+    ALIASES,
+    RANDOM_SUITE,
+    read_first_turns,
+    shipped_suites,
+    suite_name,
+    suite_path,
+)
+from ..data.generation import stop_tokens
 from ..targets import TargetConfig, load_target_config, load_tokenizer
 
 REFERENCE_CAPS: dict[str, int] = {
@@ -39,52 +45,7 @@ REFERENCE_CAPS: dict[str, int] = {
     "mt-bench": 80, "arena-hard-v2": 500,
 }
 DEFAULT_SUITES = tuple(REFERENCE_CAPS)
-ALIASES = {"arena-hard": "arena-hard-v2", "math": "math500", "mtbench": "mt-bench"}
-RANDOM_SUITE = "random"
 SUBSAMPLE_SEED = 980406  # the reference evaluation's, so the same prompts are chosen
-
-
-def shipped_suites() -> list[str]:
-    """Names of the suites shipped with the package."""
-    folder = resources.files("dspark_lightning") / "resources" / "eval_datasets"
-    return sorted(p.name[: -len(".jsonl")] for p in folder.iterdir() if p.name.endswith(".jsonl"))
-
-
-def suite_path(name: str) -> Path:
-    """File of a shipped suite or a JSONL path."""
-    candidate = Path(name)
-    if candidate.suffix == ".jsonl" or candidate.is_file():
-        if not candidate.is_file():
-            raise FileNotFoundError(f"Suite file {candidate} does not exist.")
-        return candidate
-    name = ALIASES.get(name, name)
-    path = resources.files("dspark_lightning") / "resources" / "eval_datasets" / f"{name}.jsonl"
-    if not path.is_file():
-        raise ValueError(f"Unknown suite {name!r}: give a JSONL path, '{RANDOM_SUITE}', or one of {shipped_suites()}.")
-    return Path(str(path))
-
-
-def suite_name(name: str) -> str:
-    """Display name: the alias-resolved name, or the stem of a JSONL path."""
-    if name == RANDOM_SUITE:
-        return name
-    candidate = Path(name)
-    if candidate.suffix == ".jsonl" or candidate.is_file():
-        return candidate.stem
-    return ALIASES.get(name, name)
-
-
-def read_first_turns(path: Path) -> list[str]:
-    """First turn of every ``{"turns": [...]}`` row (a ``conversations`` row gives its first user message)."""
-    turns = []
-    for lineno, row in iter_jsonl(path):
-        if "turns" in row and row["turns"]:
-            turns.append(str(row["turns"][0]))
-        elif "conversations" in row:
-            turns.append(next(m["content"] for m in row["conversations"] if m.get("role") == "user"))
-        else:
-            raise ValueError(f"{path}:{lineno}: a suite row needs 'turns' (list of strings); got keys {sorted(row)}.")
-    return turns
 
 
 def cap_for(name: str, max_samples: int | dict[str, int] | None) -> int | None:
@@ -110,17 +71,6 @@ def render_prompt(tokenizer: Any, text: str) -> list[int]:
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True, enable_thinking=False)
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-
-
-def stop_tokens(tokenizer: Any, target_config: Any) -> list[int]:
-    """End-of-sequence ids from the tokenizer and the target config (generation stops after one of them)."""
-    ids = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(target_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return sorted(ids)
 
 
 @dataclass

@@ -52,19 +52,20 @@ class DecodingRun:
         policy, gamma, threshold, sps_table, sts_temperatures: engine settings (see ``SpeculativeEngine`` and
             ``decoding.policies``).
         seed: base seed; each batch gets its own generator seeded from it, the suite and its first prompt.
-        engine_options: further ``SpeculativeEngine`` keywords (``static_shapes``, ``cuda_graphs``, ...).
+        top_p: nucleus filter of the sampled distribution (1 = off).
+        engine: further ``SpeculativeEngine`` options (``cuda_graphs``, ``compile_passes``, ``time_phases``).
     """
 
     def __init__(self, target: FrozenTarget, drafter: nn.Module | None, suite_names: Sequence[str], *,
-                 temperature: float = 1.0, policy: str = "fixed", gamma: int | None = None, threshold: float = 0.5,
-                 sps_table: str | SpsTable | None = None, sts_temperatures: Sequence[float] | None = None,
-                 seed: int = 0, engine_options: dict[str, Any] | None = None) -> None:
+                 temperature: float = 1.0, top_p: float = 1.0, policy: str = "fixed", gamma: int | None = None,
+                 threshold: float = 0.5, sps_table: str | SpsTable | None = None,
+                 sts_temperatures: Sequence[float] | None = None, seed: int = 0, **engine: Any) -> None:
         table = SpsTable.load(sps_table) if isinstance(sps_table, (str, Path)) else sps_table
         self.engine = SpeculativeEngine(target, drafter, gamma=gamma,
                                         policy=build_policy(policy, threshold=threshold, sps_table=table),
-                                        sts_temperatures=sts_temperatures, **(engine_options or {}))
+                                        sts_temperatures=sts_temperatures, **engine)
         self.suite_names = list(suite_names)
-        self.temperature, self.seed = temperature, seed
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.metric = DecodingMetrics(len(self.suite_names), self.engine.gamma).to(target.device)
         self.records: list[tuple[int, Tensor, Rounds]] = []
 
@@ -77,7 +78,7 @@ class DecodingRun:
             generator = torch.Generator(device=self.engine.device)
             generator.manual_seed(self.seed + 1_000_003 * suite + int(samples[0]))
         out = self.engine.generate(batch_prompts(batch), max_new_tokens=int(batch["max_new_tokens"]),
-                                   temperature=self.temperature,
+                                   temperature=self.temperature, top_p=self.top_p,
                                    stop_token_ids=batch["stop_token_ids"].tolist(), generator=generator)
         self.metric.update(suite, out.rounds, out.num_tokens, len(samples))
         self.records.append((suite, samples, out.rounds))
@@ -119,19 +120,26 @@ class SpeculativeValidation(ValidationDecoder):
         sps_table: ``profile-sps`` JSON for the ``scheduler`` policy.
         sts: STS JSON (``calibrate`` output) applied to the confidences the policy sees.
         seed: sampling seed.
+        top_p: nucleus filter of the sampled distribution (1 = off).
+        cuda_graphs, compile_passes: run the engine's rounds as CUDA graphs / through torch.compile (GPU speed).
+        time_phases: measure draft and verify time apart (split rounds, a host synchronisation between them); off,
+            rounds run fused and the report's draft/verify milliseconds are not measured.
         plots: write the PNG plots.
         output_dir: where to write the report (default: the trainer's log dir).
     """
 
     def __init__(self, temperature: float = 1.0, policy: str = "fixed", gamma: int | None = None,
                  threshold: float = 0.5, sps_table: str | None = None, sts: str | None = None, seed: int = 0,
-                 plots: bool = True, output_dir: str | None = None) -> None:
+                 top_p: float = 1.0, cuda_graphs: bool = False, compile_passes: bool = False,
+                 time_phases: bool = True, plots: bool = True, output_dir: str | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"Unknown policy {policy!r}; choose one of {POLICIES}.")
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy).")
         self.temperature, self.policy, self.gamma, self.threshold = temperature, policy, gamma, threshold
         self.sps_table, self.sts_path, self.seed, self.plots, self.output_dir = sps_table, sts, seed, plots, output_dir
+        self.top_p = top_p
+        self.engine_options = dict(cuda_graphs=cuda_graphs, compile_passes=compile_passes, time_phases=time_phases)
         self.run: DecodingRun | None = None
         self.last_report: dict[str, Any] | None = None
 
@@ -143,7 +151,8 @@ class SpeculativeValidation(ValidationDecoder):
                              "dspark_lightning.eval.suites.SuitesDataModule).")
         self.run = DecodingRun(module.frozen_target(), module.drafter, names, temperature=self.temperature,
                                policy=self.policy, gamma=self.gamma, threshold=self.threshold,
-                               sps_table=self.sps_table, sts_temperatures=load_sts(self.sts_path), seed=self.seed)
+                               sps_table=self.sps_table, sts_temperatures=load_sts(self.sts_path), seed=self.seed,
+                               top_p=self.top_p, **self.engine_options)
 
     def validation_step(self, module: DrafterModule, batch: dict[str, Any], batch_idx: int) -> None:
         self.run.run_batch(batch)

@@ -9,9 +9,11 @@ Two layouts, the two SGLang's ``_handle_dspark`` auto-detects when ``--speculati
   target is one ``model.safetensors``), and ``dspark_*`` keys (``dspark_block_size``, ``dspark_markov_rank``,
   ``dspark_markov_head_type``, ``dspark_noise_token_id``, ``dspark_target_layer_ids``) in the target
   ``config.json``. SGLang 0.5.23 serves a bundled draft only for DeepSeek-V4 targets (it remaps the architecture
-  to ``DeepseekV4ForCausalLMDSpark``, tensors ``mtp.<stage>.*``); for Qwen3/Llama targets the bundled copy serves
-  transformers and :func:`load_drafter`, and SGLang's Qwen3/Llama weight loaders would trip over the extra
-  ``*_proj`` tensors in the index: use ``subfolder`` there.
+  to ``DeepseekV4ForCausalLMDSpark``, tensors ``mtp.<stage>.*``), so only the ``deepseek_v4`` flavour writes it.
+  For a Qwen3/Llama target SGLang would build the target's own class as the draft and fail on the draft tensors
+  (``KeyError: 'dspark.layers.0.mlp.gate_up_proj.weight'``): the generic flavour refuses ``bundled`` and writes
+  ``subfolder`` only. Generic bundled copies written by earlier versions (``dspark.<name>`` tensors) still read
+  back with :func:`read_bundled`.
 
 Target files are hard-linked (copied across filesystems) and never rewritten: ``config.json`` and the index are
 written as new files in the copy. How the draft is checked, named and described inside the target is an
@@ -82,7 +84,14 @@ class AttachedFlavour:
     """
 
     name = "generic"
-    layouts: tuple[str, ...] = LAYOUTS
+    layouts: tuple[str, ...] = ("subfolder",)
+    # Why a layout is not written for this flavour (named in the refusal).
+    refused_layouts = {
+        "bundled": "SGLang 0.5.23 loads a draft bundled into the target's own files only for DeepseekV4ForCausalLM "
+                   "targets (as DeepseekV4ForCausalLMDSpark); for this target it would build the target's own class "
+                   "as the draft and fail on the draft tensors (KeyError: 'dspark.layers.0.mlp.gate_up_proj.weight'). "
+                   "Use attached_layout='subfolder' (the default): SGLang finds the dspark/ draft by itself",
+    }
     weight_prefix = "dspark."
     # True: target tensors that :meth:`is_bundled` claims are the target's own (not a draft) and are left out of the
     # copy (with a warning saying ``dropped_what``); False: such a target is refused as already carrying a draft.
@@ -258,8 +267,9 @@ def write_attached(trained: TrainedDrafter, stage: Path, *, target_dir: str | Pa
     style = registry[flavour]
     layout = layout or style.layouts[0]
     if layout not in style.layouts:
-        raise ValueError(f"attached_layout={layout!r} is not available for the {flavour} flavour; choose one of "
-                         f"{style.layouts}.")
+        why = style.refused_layouts.get(layout)
+        raise ValueError(f"attached_layout={layout!r} is not available for the {flavour} flavour"
+                         + (f": {why}." if why else f"; choose one of {style.layouts}."))
     target_dir = Path(target_dir)
     if not (target_dir / "config.json").is_file():
         raise FileNotFoundError(f"--target_dir {target_dir} has no config.json; give the target's HF model directory.")
@@ -277,12 +287,6 @@ def write_attached(trained: TrainedDrafter, stage: Path, *, target_dir: str | Pa
         write_json(stage / SUBFOLDER / "config.json", draft_config)
         save_tensors(cast_floating(tensors, cast), stage / SUBFOLDER / SAFE_WEIGHTS)
         return stage / SUBFOLDER
-    if style.name == "generic":
-        warnings.warn(
-            "attached_layout='bundled' with the generic flavour: SGLang 0.5.23 serves bundled drafts only for "
-            "DeepSeek-V4 targets, and its Qwen3/Llama loaders reject the extra tensors in the index. Use "
-            "attached_layout='subfolder' to serve this target with SGLang.", stacklevel=2,
-        )
     named = style.bundle_tensors(trained, target_config, dtype)
     mapping = weight_map(target_dir)
     plan = _plan_target_files(target_dir, mapping, named, style)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from . import sglang
+from . import serve_command, sglang
 from .checkpoint import TrainedDrafter, plain
 from .common import package_version
 from .fileio import read_json
@@ -70,6 +70,7 @@ class CardInputs:
     calibration_file: str | None = None
     serving: str | None = None  # SGLang algorithm name for sglang/attached
     files: tuple[str, ...] = ()
+    dtype: str | None = None  # the dtype the served config.json records (--dtype of the serve command)
 
 
 def results_table(report: dict[str, Any] | None) -> str:
@@ -104,20 +105,23 @@ def usage(trained: TrainedDrafter, inputs: CardInputs) -> str:
                 f"{target} --draft_name_or_path <this repo>` in DeepSpec, or import it with "
                 "`python -m dspark_lightning import-deepspec <dir> --out drafter.ckpt`.")
     cfg = trained.config
-    sts = f" \\\n  --speculative-dspark-confidence-sts-path <this repo>/{inputs.calibration_file}" \
-        if inputs.calibration_file and inputs.serving == "DSPARK" else ""
-    if inputs.fmt == "attached":
-        return ("The target checkpoint with its DSpark draft: SGLang finds the draft itself.\n\n```bash\n"
-                f"python -m sglang.launch_server --model-path <this repo> --speculative-algorithm DSPARK{sts}\n```")
-    window = {"DSPARK": cfg.block_size + 1, "DFLASH": cfg.block_size + 1, "EAGLE3": cfg.ttt_length + 1}
-    extra = f" \\\n  --speculative-num-draft-tokens {window[inputs.serving]}"
-    if inputs.serving == "EAGLE3":
-        extra = f" \\\n  --speculative-num-steps {cfg.ttt_length} --speculative-eagle-topk 1{extra}"
-    text = ("```bash\npython -m sglang.launch_server --model-path "
-            f"{target} \\\n  --speculative-algorithm {inputs.serving} --speculative-draft-model-path <this repo>"
-            f"{extra}{sts}\n```")
+    attached = inputs.fmt == "attached"
+    serve_target = None if attached else target
+    modes = ["static", "compact"] if inputs.serving == "DSPARK" and cfg.has_confidence_head else ["static"]
+    blocks = []
+    for mode in modes:
+        env, args = serve_command.sglang_command(cfg, serving=inputs.serving, target=serve_target, dtype=inputs.dtype,
+                                                 mode=mode, calibration_file=inputs.calibration_file)
+        blocks.append(f"```bash\n{serve_command.render(env, args)}\n```\n\n"
+                      f"`{serve_command.launcher_call(target=serve_target, mode=mode)}` (the `dspark_sglang` package "
+                      "in `serving/` of dspark_lightning) prints and runs the same command.")
+    lead = "The target checkpoint with its DSpark draft: SGLang finds the draft itself.\n\n" if attached else ""
+    if len(blocks) == 2:
+        blocks[1] = ("Confidence-scheduled verification (the trained confidence head picks how many draft tokens "
+                     "to verify; `<SPS table>` is SGLang's SPS cost table of the serving GPU, e.g. "
+                     "`python -m dspark_lightning profile-sps ... --format sglang`):\n\n" + blocks[1])
     notes = sglang.serving_notes(cfg) if inputs.fmt == "sglang" else []
-    return text + "".join(f"\n\n**Note:** {n}" for n in notes)
+    return lead + "\n\n".join(blocks) + "".join(f"\n\n**Note:** {n}" for n in notes)
 
 
 def summary(trained: TrainedDrafter, inputs: CardInputs) -> str:

@@ -11,7 +11,6 @@ against the target's HF config (geometry is stored unresolved in the hyper-param
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import re
@@ -23,18 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import drafters
 from ..drafters import DrafterConfig
 from ..drafters.config import V4_MODEL_TYPES
+from ..drafters.registry import build
 from .fileio import read_json
 
 OUR_PACKAGE = "dspark_lightning."
 # Optional self-describing section a checkpoint may carry (see docs/export.md): resolved drafter config and
 # the target's HF config, so an export needs neither the target files nor network access.
 EXPORT_INFO_KEY = "dspark_lightning"
-# Drafter class of each algorithm, by name in ``dspark_lightning.drafters`` (DSparkV4, built from transformers'
-# DeepSeek-V4 blocks, is imported only when first built).
-_CLASSES = {"dspark": "DSpark", "dflash": "DFlash", "eagle3": "Eagle3", "dspark_v4": "DSparkV4"}
 
 
 @dataclass
@@ -69,13 +65,6 @@ class TrainedDrafter:
 
 
 # ---------------------------------------------------------------------- drafters
-def build_drafter(config: DrafterConfig, device: torch.device | str | None = None) -> nn.Module:
-    """Instantiate the drafter class of ``config.algorithm`` (``device="meta"`` builds it without memory)."""
-    cls = getattr(drafters, _CLASSES[config.algorithm])
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        return cls(config)
-
-
 def shape_mismatches(expected: dict[str, tuple[int, ...]],
                      got: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
     """Tensor names ``got`` lacks, names it has in excess, and ``"name shape (expected shape)"`` for the rest."""
@@ -85,7 +74,7 @@ def shape_mismatches(expected: dict[str, tuple[int, ...]],
 
 def check_state_dict(config: DrafterConfig, state_dict: dict[str, Tensor], where: str) -> None:
     """Raise if ``state_dict`` does not hold exactly the tensors (names and shapes) the drafter has."""
-    expected = {k: tuple(v.shape) for k, v in build_drafter(config, "meta").state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in build(config, "meta").state_dict().items()}
     missing, unexpected, wrong = shape_mismatches(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
     if missing or unexpected or wrong:
         raise ValueError(
@@ -101,7 +90,7 @@ def instantiate(config: DrafterConfig, state_dict: dict[str, Tensor], dtype: tor
     parameter's ``requires_grad``; non-persistent buffers (rotary frequencies) stay fp32 as at construction.
     """
     check_state_dict(config, state_dict, "The weights")
-    model = build_drafter(config)
+    model = build(config)
     # Fresh, aligned copies: no model memory stays mapped to a file, and kernels see the same alignment whatever
     # the tensors were read from (mmap'd checkpoint, safetensors), so equal weights give bit-equal outputs.
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).clone()
@@ -159,6 +148,8 @@ def plain(value: Any) -> Any:
         return value.tolist() if value.numel() <= 16 else f"<tensor {tuple(value.shape)}>"
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, (type, types.FunctionType)):  # a real reference (torch's safe list rebuilt it): its name
+        return f"{value.__module__}.{value.__qualname__}"
     return repr(value)
 
 

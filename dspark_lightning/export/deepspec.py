@@ -1,13 +1,18 @@
-"""DeepSpec's checkpoint layout (``Qwen3DSparkModel`` / ``Qwen3Eagle3Model``), both ways: DeepSpec's
-``deepspec/modeling/{dspark,eagle3}/qwen3/{config,modeling}.py`` and ``deepspec/trainer/ckpt_manager.py``, and the
-released ``deepseek-ai/dspark_qwen3_4b_block7`` files.
+"""DeepSpec's checkpoint layout (``Qwen3DSparkModel`` / ``Qwen3Eagle3Model``, ``Gemma4DSparkModel`` /
+``Gemma4Eagle3Model``), both ways: DeepSpec's ``deepspec/modeling/{dspark,eagle3}/{qwen3,gemma4}/{config,modeling}.py``
+and ``deepspec/trainer/ckpt_manager.py``, and the released ``deepseek-ai/dspark_qwen3_4b_block7`` files.
 
-A DeepSpec draft directory is ``config.json`` + ``model.safetensors``: the config is the target's Qwen3 config
-with the draft keys on top (``num_target_layers``, ``num_hidden_layers`` = draft depth, ``block_size`` = gamma,
-``mask_token_id``, ``target_layer_ids``, ``num_anchors``, ``markov_rank``, ...), the tensors carry the module names
-of the DeepSpec model, frozen ``embed_tokens``/``lm_head`` copies included. Our parameter names are DeepSpec's, so
-no tensor is renamed either way. DeepSpec's "DFlash" is the same class with ``markov_rank: 0`` and no confidence
-head, in the anchor-predicts (``deepspec``) block layout.
+A DeepSpec draft directory is ``config.json`` + ``model.safetensors``: the config is the target's config (Qwen3:
+the top-level one; Gemma4: its text config, ``model_type: gemma4_text``, plus ``target_model_type`` and
+``target_text_model_type``) with the draft keys on top (``num_target_layers``, ``num_hidden_layers`` = draft depth,
+``block_size`` = gamma, ``mask_token_id``, ``target_layer_ids``, ``num_anchors``, ``markov_rank``, ...), the tensors
+carry the module names of the DeepSpec model, frozen ``embed_tokens``/``lm_head`` copies included. Our parameter
+names are DeepSpec's (Gemma4's sandwich norms and ``layer_scalar`` buffers included, ``v_proj`` absent with K = V),
+so no tensor is renamed either way. DeepSpec's "DFlash" is the same class with ``markov_rank: 0`` and no confidence
+head, in the anchor-predicts (``deepspec``) block layout. The Gemma4 layer features (sandwich norms, K = V, scale-free
+``v_norm``, attention scale 1, ``sqrt(H)`` embedding scale, proportional RoPE, logit soft cap) are not keys of the
+file: both sides derive them from the Gemma4 text config (DeepSpec ``deepspec/modeling/dspark/gemma4/``,
+``deepspec/modeling/eagle3/gemma4/``), as ``DrafterConfig.resolve`` does.
 
 ``python -m dspark_lightning import-deepspec DIR --out OUT`` reads such a directory (for instance the released
 ``deepseek-ai/dspark_qwen3_4b_block7``) into our drafter classes.
@@ -28,45 +33,75 @@ from .common import drafter_config_from_json, exported_by, family_features, head
 from .fileio import DTYPE_NAMES, SAFE_INDEX, SAFE_WEIGHTS, load_tensors, read_json, torch_dtype
 from .sglang import block_fields
 
-DSPARK_ARCHS = ("Qwen3DSparkModel",)
-EAGLE3_ARCHS = ("Qwen3Eagle3Model", "Eagle3DraftModel")  # the second: legacy name DeepSpec's eval still maps
+DSPARK_ARCHS = ("Qwen3DSparkModel", "Gemma4DSparkModel")
+EAGLE3_ARCHS = ("Qwen3Eagle3Model", "Eagle3DraftModel", "Gemma4Eagle3Model")  # Eagle3DraftModel: a legacy Qwen3 name
+# What DeepSpec's Gemma4 classes build (``deepspec/modeling/dspark/gemma4/modeling.py``); a Gemma4 drafter configured
+# otherwise has no DeepSpec class.
+_GEMMA4_LAYOUT = {"norm_style": "sandwich", "attention_scale": 1.0, "v_norm": True, "layer_scalar": True,
+                  "qk_norm": True}
+
+
+def _family(cfg: DrafterConfig) -> str | None:
+    """``Qwen3`` / ``Gemma4``: the prefix of DeepSpec's class names for this drafter's target, None without one."""
+    if is_qwen3_family(cfg.target_model_type):
+        return "Qwen3"
+    if (cfg.target_model_type or "").startswith("gemma4"):
+        return "Gemma4"
+    return None
 
 
 def check_exportable(cfg: DrafterConfig) -> None:
     """Raise, naming the setting, when DeepSpec has no class for this drafter."""
     problems = []
-    if not is_qwen3_family(cfg.target_model_type) or not cfg.qk_norm:
-        problems.append(f"the target family is {cfg.target_model_type!r}; DeepSpec has Qwen3 (and Gemma4) draft "
+    family = _family(cfg)
+    if family is None:
+        problems.append(f"the target family is {cfg.target_model_type!r}; DeepSpec has Qwen3 and Gemma4 draft "
                         f"classes only")
+    elif family == "Qwen3" and (family_features(cfg) or not cfg.qk_norm):
+        features = family_features(cfg) or ["qk_norm=False"]
+        problems.append(f"{', '.join(features)}: DeepSpec's Qwen3 layers have none of these")
+    elif family == "Gemma4":
+        wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in _GEMMA4_LAYOUT.items() if getattr(cfg, k) != v]
+        if abs(cfg.embed_scale - cfg.hidden_size ** 0.5) > 1e-9:
+            wrong.append(f"embed_scale={cfg.embed_scale}")
+        if wrong:
+            problems.append(f"{', '.join(wrong)}: DeepSpec's Gemma4 layers have {_GEMMA4_LAYOUT} and embed_scale "
+                            f"sqrt(hidden_size)")
     if cfg.algorithm != "eagle3" and cfg.block_layout != "deepspec":
-        problems.append("block_layout='zlab'; DeepSpec's Qwen3DSparkModel has the anchor slot predict "
+        problems.append("block_layout='zlab'; DeepSpec's DSpark model has the anchor slot predict "
                         "(block_layout: deepspec)")
     if cfg.algorithm == "eagle3" and cfg.draft_vocab_size is not None:
         problems.append(f"draft_vocab_size={cfg.draft_vocab_size}; DeepSpec's Eagle3 has the full vocabulary "
                         f"(no d2t/t2d)")
-    if family_features(cfg):
-        problems.append(f"{', '.join(family_features(cfg))}: DeepSpec's Gemma4 layout (Gemma4DSparkModel) is not "
-                        f"written by this exporter yet")
     if problems:
         raise ValueError("Cannot export this drafter in DeepSpec's layout: " + "; ".join(problems) + ".")
 
 
 def deepspec_config(trained: TrainedDrafter, dtype: str) -> dict[str, Any]:
-    """DeepSpec's ``config.json``: the target config with DeepSpec's draft keys on top."""
+    """DeepSpec's ``config.json``: the target (text) config with DeepSpec's draft keys on top."""
     cfg = trained.config
     check_exportable(cfg)
+    family = _family(cfg)
     config = target_base_config(trained.target_config)
+    if family == "Gemma4":  # DeepSpec's gemma4/config.py: the text config, naming the target's model types
+        # The full-attention geometry as the attributes DeepSpec's loader reads; newer transformers keeps it in
+        # per_layer_config, keyed by *target* layer, which the draft's own layer_types would misindex.
+        config.pop("per_layer_config", None)
+        full = {"global_head_dim": cfg.global_head_dim, "num_global_key_value_heads": cfg.num_global_key_value_heads}
+        config.update({k: v for k, v in full.items() if v is not None})
+        config.update({"target_model_type": trained.target_config.get("model_type"),
+                       "target_text_model_type": config.get("model_type")})
     layers = {"num_target_layers": cfg.num_target_layers, "num_hidden_layers": cfg.num_hidden_layers,
               "layer_types": ["full_attention"] * cfg.num_hidden_layers, "tie_word_embeddings": False,
               "target_layer_ids": list(cfg.target_layer_ids)}
     if cfg.algorithm == "eagle3":
         step_decay = (trained.hyper_parameters.get("loss") or {}).get("step_decay", 0.8)
-        config.update({"architectures": ["Qwen3Eagle3Model"], **layers, "draft_num_hidden_layers": 1,
+        config.update({"architectures": [f"{family}Eagle3Model"], **layers, "draft_num_hidden_layers": 1,
                        "ttt_length": cfg.ttt_length, "step_loss_decay": step_decay,
                        "target_model_name_or_path": (trained.target or {}).get("path") or ""})
     else:
         head = heads(cfg)
-        config.update({"architectures": ["Qwen3DSparkModel"], **layers, "block_size": cfg.block_size,
+        config.update({"architectures": [f"{family}DSparkModel"], **layers, "block_size": cfg.block_size,
                        "mask_token_id": cfg.mask_token_id, "num_anchors": cfg.num_anchors,
                        "enable_confidence_head": head["enable_confidence_head"], "markov_rank": head["markov_rank"]})
         if head["enable_confidence_head"]:
@@ -79,7 +114,7 @@ def deepspec_config(trained: TrainedDrafter, dtype: str) -> dict[str, Any]:
 
 
 def parse_config(config: dict[str, Any]) -> DrafterConfig:
-    """Our drafter config of a DeepSpec ``config.json`` (DSpark, DFlash or Eagle3, Qwen3 family)."""
+    """Our drafter config of a DeepSpec ``config.json`` (DSpark, DFlash or Eagle3; Qwen3 or Gemma4 family)."""
     arch = (config.get("architectures") or [""])[0]
     if arch in EAGLE3_ARCHS:
         fields = {"algorithm": "eagle3", "num_hidden_layers": 1, "target_layer_ids": list(config["target_layer_ids"]),
@@ -90,9 +125,11 @@ def parse_config(config: dict[str, Any]) -> DrafterConfig:
         compare = ("block_size", "block_layout", "mask_token_id", "target_layer_ids", "num_hidden_layers")
     else:
         raise ValueError(
-            f"architectures={config.get('architectures')!r} is not a DeepSpec Qwen3 draft; expected one of "
-            f"{DSPARK_ARCHS + EAGLE3_ARCHS}."
+            f"architectures={config.get('architectures')!r} is not a DeepSpec Qwen3 draft, nor a Gemma4 one; expected "
+            f"one of {DSPARK_ARCHS + EAGLE3_ARCHS}."
         )
+    if arch.startswith("Gemma4"):
+        fields.pop("embed_scale")  # sqrt(hidden_size), from the Gemma4 family (DrafterConfig.resolve)
     return drafter_config_from_json(config, fields, compare=compare)
 
 
@@ -131,12 +168,15 @@ def _target_config_of(config: dict[str, Any]) -> dict[str, Any]:
     draft_keys = ("num_target_layers", "block_size", "mask_token_id", "target_layer_ids", "num_anchors",
                   "enable_confidence_head", "confidence_head_with_markov", "markov_rank", "markov_head_type",
                   "draft_num_hidden_layers", "ttt_length", "step_loss_decay", "target_model_name_or_path",
-                  "layer_types", "exported_by", "architectures", "dtype", "transformers_version")
+                  "layer_types", "exported_by", "architectures", "dtype", "transformers_version", "target_model_type",
+                  "target_text_model_type")
     target = {k: v for k, v in config.items() if k not in draft_keys}
     if config.get("num_target_layers") is not None:
         target["num_hidden_layers"] = config["num_target_layers"]
     if config.get("model_type") == "qwen3":
         target["architectures"] = ["Qwen3ForCausalLM"]
+    if config.get("model_type") == "gemma4_text":  # the text model of the target (its top level is not in the file)
+        target["architectures"] = ["Gemma4ForCausalLM"]
     return target
 
 

@@ -16,7 +16,16 @@ import yaml
 from . import attached, deepspec, hf, sglang
 from .card import CardInputs, load_calibration, load_report, render
 from .checkpoint import TrainedDrafter, base_model_of, plain, read_checkpoint
-from .fileio import SAFE_WEIGHTS, cast_floating, check_output, save_tensors, staged_directory, torch_dtype, write_json
+from .fileio import (
+    SAFE_WEIGHTS,
+    cast_floating,
+    check_output,
+    read_json,
+    save_tensors,
+    staged_directory,
+    torch_dtype,
+    write_json,
+)
 
 FORMATS = ("hf", "deepspec", "sglang", "attached")
 CALIBRATION_FILE = "calibration.json"
@@ -52,9 +61,9 @@ def export_checkpoint(
         report: a ``validate`` report.json whose tau table goes into the model card.
         target_dir: the target's HF model directory. Required for ``attached``; otherwise it replaces the target
             config recorded in the checkpoint (geometry is checked against it).
-        attached_layout: ``subfolder`` (``dspark/`` with its own config, any target) or ``bundled`` (draft tensors
-            in the target's safetensors index, ``dspark_*`` config keys). Default: ``subfolder``, and ``bundled``
-            for a ``dspark_v4`` drafter (the only layout SGLang serves for DeepSeek-V4).
+        attached_layout: ``subfolder`` (``dspark/`` with its own config; Qwen3/Llama targets) or ``bundled`` (draft
+            tensors in the target's safetensors index, ``dspark_*`` config keys; DeepSeek-V4 only, the one target
+            SGLang 0.5.23 serves a bundled draft for). Default: ``subfolder``, and ``bundled`` for ``dspark_v4``.
         flavour: how an attached draft is named inside the target: ``generic`` (Qwen3/Llama targets, ``dspark.*``)
             or ``deepseek_v4`` (``dspark_v4`` drafters as the official ``mtp.<stage>.*`` tensors of a DeepSeek-V4
             checkpoint). Default: chosen by the drafter's algorithm.
@@ -154,6 +163,9 @@ def _write_extras(trained: TrainedDrafter, stage: Path, card_dir: Path, inputs: 
         shutil.copyfile(report, card_dir / f"{prefix}{REPORT_FILE}")
     training = trained.training_config or yaml.safe_dump(plain(trained.hyper_parameters), sort_keys=False)
     (card_dir / f"{prefix}{TRAINING_CONFIG_FILE}").write_text(training, encoding="utf-8")
+    if fmt in ("sglang", "attached"):  # the dtype SGLang serves: what the config.json it reads records
+        served = read_json(card_dir / "config.json")
+        inputs.dtype = served.get("dtype") or served.get("torch_dtype")
     if bundled:
         inputs.files = attached.bundled_files(stage)
     else:

@@ -114,5 +114,26 @@ def hf_config(cfg: DrafterConfig, dtype: str, target: dict[str, Any] | None) -> 
     return config
 
 
+def missing_remote_code(directory: Path, config: dict[str, Any]) -> list[str]:
+    """Files ``AutoModel.from_pretrained(directory, trust_remote_code=True)`` imports that ``directory`` lacks: the
+    modules ``auto_map`` names and, transitively, the sibling modules they import."""
+    todo = [f"{ref.split('.', 1)[0]}.py" for ref in (config.get("auto_map") or {}).values()]
+    if not todo:
+        return ["config.json auto_map (it names no remote code)"]
+    seen: set[str] = set()
+    missing: list[str] = []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = Path(directory) / name
+        if not path.is_file():
+            missing.append(name)
+            continue
+        todo += [f"{m}.py" for m in _RELATIVE_IMPORT_NAMES.findall(path.read_text(encoding="utf-8"))]
+    return sorted(missing)
+
+
 def is_hf_export(config: dict[str, Any]) -> bool:
     return config.get("model_type") == MODEL_TYPE and isinstance(config.get("drafter"), dict)

@@ -16,7 +16,9 @@ What SGLang reads, per algorithm:
   ``mask_token_id`` and ``target_layer_ids``; masks predict (z-lab layout only).
 - EAGLE3 (``LlamaForCausalLMEagle3``, a Llama layer: no q/k norms, no qkv bias): ``eagle_config`` with
   ``eagle_aux_hidden_state_layer_ids``, ``draft_vocab_size``, ``lm_head`` [draft_vocab, H], ``d2t``/``t2d``;
-  the embedding is the target's (dropped here).
+  the embedding is the target's (dropped here). ``tie_word_embeddings`` must be false (true makes SGLang use the
+  target embedding as the head). ``ttt_length`` is ours (SGLang does not read it): the serve command's
+  ``--speculative-num-steps``.
 
 Two adaptations make drafters servable that the upstream classes would not serve as trained:
 
@@ -70,7 +72,7 @@ REQUIRED_CONFIG_KEYS = {
                "dflash_config.mask_token_id", "dflash_config.target_layer_ids"),
     "EAGLE3": ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size",
-               "draft_vocab_size", "max_position_embeddings", "tie_word_embeddings",
+               "draft_vocab_size", "max_position_embeddings", "tie_word_embeddings", "ttt_length",
                "eagle_config.eagle_aux_hidden_state_layer_ids", "eagle_config.use_aux_hidden_state"),
 }
 FORBIDDEN_CONFIG_KEYS = ("auto_map", "quantization_config")
@@ -261,6 +263,10 @@ def sglang_config(cfg: DrafterConfig, target_config: dict[str, Any], dtype: str,
             "tie_word_embeddings": False, "layer_types": layer_types, **rope,
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(cfg.target_layer_ids),
                              "use_aux_hidden_state": True, "norm_before_fc": False},
+            # Not read by SGLang (it picks steps / top-k / draft tokens by target architecture, 3 / 1 / 4 for
+            # most); the chain length the drafter was trained to unroll (DeepSpec's key), from which the serve
+            # command takes --speculative-num-steps (dspark_sglang.launch, the model card).
+            "ttt_length": cfg.ttt_length,
         }
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if base.get(key) is not None:
@@ -329,7 +335,11 @@ def config_fields(config: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ..
         fields = {"algorithm": "eagle3", "num_hidden_layers": 1, "qk_norm": False, "embed_scale": 1.0,
                   "target_layer_ids": list(eagle.get("eagle_aux_hidden_state_layer_ids") or []),
                   "draft_vocab_size": None if draft_vocab in (None, config.get("vocab_size")) else draft_vocab}
-        return fields, ("algorithm", "target_layer_ids", "num_hidden_layers")
+        compare: tuple[str, ...] = ("algorithm", "target_layer_ids", "num_hidden_layers")
+        if config.get("ttt_length") is not None:
+            fields["ttt_length"] = int(config["ttt_length"])
+            compare += ("ttt_length",)
+        return fields, compare
     compare = ("block_size", "block_layout", "mask_token_id", "target_layer_ids", "num_hidden_layers")
     if arch in ("DFlashDraftModel", PLUGIN_ARCHITECTURES["DFLASH"]):
         dflash = config.get("dflash_config") or {}

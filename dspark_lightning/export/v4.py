@@ -38,12 +38,51 @@ from .attached import FLAVOURS, AttachedFlavour
 from .checkpoint import TrainedDrafter
 from .common import check_geometry, drafter_config_from_json, exported_by
 
+# Keys of the official DeepSeek-V4 config.json that SGLang 0.5.23 reads as attributes, with no default, when it
+# builds the bundled draft (and the target): ``compress_ratios`` (one KV compression ratio per layer, MTP layers
+# included: ``srt/configs/model_config.py`` for DeepseekV4ForCausalLMDSpark, ``srt/models/deepseek_v4.py``) and
+# ``topk_method`` (``srt/models/deepseek_v2.py``, the MoE gate). transformers' DeepseekV4Config (what
+# ``save_pretrained`` writes) has neither: it names the ratios by layer type (``compress_rates``, ``layer_types``).
+SGLANG_V4_CONFIG_KEYS = ("compress_ratios", "topk_method")
+
+
+def check_sglang_v4_keys(target_config: dict[str, Any], target_dir: Path) -> None:
+    """Raise unless the target ``config.json`` has the keys SGLang's V4 code reads (they travel into the bundle).
+
+    The values are the target's own and are not invented here: an official V4 config.json has them; a
+    transformers-format one is refused with the values its own keys imply, to add after checking them.
+    """
+    missing = [k for k in SGLANG_V4_CONFIG_KEYS if target_config.get(k) is None]
+    ratios = target_config.get("compress_ratios")
+    layers = int(target_config.get("num_hidden_layers") or 0)
+    if not missing and (not isinstance(ratios, list) or len(ratios) < layers):
+        raise ValueError(f"The target {target_dir}/config.json has compress_ratios={ratios!r}; SGLang reads one "
+                         f"ratio per layer ({layers} layers, then the MTP layers).")
+    if not missing:
+        return
+    hint = ""
+    rates, types = target_config.get("compress_rates"), target_config.get("layer_types")
+    if "compress_ratios" in missing and isinstance(rates, dict) and isinstance(types, list):
+        by_type = {"sliding_attention": 0, **rates}
+        mtp = int(target_config.get("num_nextn_predict_layers") or 0)
+        hint = (f" This looks like a transformers-format config (compress_rates by layer type): its layer_types give "
+                f"compress_ratios = {[int(by_type.get(t, 0)) for t in types] + [0] * mtp} (0 for each of its "
+                f"{mtp} MTP layers, as the official configs end), and the official V4 configs have topk_method "
+                f"'noaux_tc'; check them against the model's official config.json.")
+    raise ValueError(
+        f"The target {target_dir}/config.json lacks {missing}, which SGLang 0.5.23 reads for DeepSeek-V4 (the bundle "
+        f"keeps the target's config.json, so SGLang could not build the draft: AttributeError '{missing[0]}'). Export "
+        f"against the official config.json of the V4 model, or add the keys to the target's config.json.{hint}"
+    )
+
 
 class DeepseekV4Flavour(AttachedFlavour):
     """``dspark_v4`` drafters in DeepSeek-V4 checkpoints: ``mtp.<stage>.*`` tensors, ``v4_config_keys``."""
 
     name = "deepseek_v4"
-    layouts = ("bundled",)  # SGLang reads a V4 draft from the target's own tensors only (no dspark/ subfolder class)
+    layouts = ("bundled",)
+    refused_layouts = {"subfolder": "SGLang reads a DeepSeek-V4 draft from the target's own mtp.* tensors only (it "
+                                    "has no dspark/ subfolder class for V4); use attached_layout='bundled'"}
     weight_prefix = "mtp."
     drops_target_tensors = True
     dropped_what = ("the target's own MTP module (mtp.*); SGLang loads every mtp.<i>.* tensor of a DSpark-bundled "
@@ -74,6 +113,7 @@ class DeepseekV4Flavour(AttachedFlavour):
             raise ValueError(f"The drafter has {key}={ours} but {where} has {key}={theirs}: the drafter was trained "
                              f"for another DeepSeek-V4 model. Export it against the target it was trained with.")
         v4_config_keys(cfg)  # raises for what SGLang cannot serve (no Markov head, a layer id < 0)
+        check_sglang_v4_keys(target_config, target_dir)
         if target_config.get("quantization_config"):
             method = (target_config["quantization_config"] or {}).get("quant_method", "?")
             warnings.warn(

@@ -144,7 +144,8 @@ def fused_block_loss(hidden: Tensor, target_hidden: Tensor, weight: Tensor, labe
         target_hidden: [T, H] target last hidden states (no gradient).
         weight: [V, H] frozen ``lm_head`` weight (must not require grad).
         labels: [T] tokens to predict.
-        weights: [T] per-token weights, already normalised (``w / (sum w + 1e-6)``).
+        weights: [T] per-token weights (``losses.block_drafter_loss`` passes the raw position weights and divides the
+            sums by the global ``sum w + 1e-6`` itself; ``w / (sum w + 1e-6)`` gives the batch's weighted mean).
         markov, markov_weight: optional [T, r] Markov features and the trainable [V, r] ``markov_w2`` weight.
         ce_weight, l1_weight: term weights folded into the gradient.
         softcap: optional final-logit cap applied to ``h W^T`` (and ``h_t W^T``), before the Markov term is added.

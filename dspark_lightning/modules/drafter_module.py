@@ -15,51 +15,21 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..drafters import DFlash, DrafterConfig, DSpark, Eagle3
-from ..drafters.blocks import sample_anchors
-from ..losses import LossOutput, block_drafter_loss, eagle3_ttt_loss
+from ..drafters import DrafterConfig
+from ..drafters.registry import build as build_drafter
+from ..losses import LossOutput, LossWeights, Ratio, drafter_loss
 from ..targets import FrozenTarget, TargetConfig, load_target_config
+from .global_loss import AccumulatedStep, batch_ratios, logged_values, reduce_step, summed_over_ranks
 
-
-@dataclass
-class LossWeights:
-    """Weights of the loss terms (DeepSpec ``deepspec/modeling/dspark/loss.py``, ``deepspec/modeling/eagle3/loss.py``).
-
-    Args:
-        ce: cross-entropy to the data token (DSpark 0.1, DFlash 1.0).
-        l1: L1 distance to the target distribution (DSpark 0.9, DFlash 0.0).
-        confidence: BCE of the confidence head (DSpark 1.0).
-        decay: position-weight constant, ``w_k = exp(-k / decay)`` (block drafters).
-        step_decay: Eagle3 per-step weight ``step_decay ** k``.
-        chunk_size: tokens per chunk when vocabulary-sized logits are built.
-        fused: block drafters use the fused loss (``kernels/fused_block_loss.py``: gradients w.r.t. the logits
-            computed in the forward pass, a Triton kernel on CUDA) instead of checkpointed chunks; same values.
-    """
-
-    ce: float = 0.1
-    l1: float = 0.9
-    confidence: float = 1.0
-    decay: float = 4.0
-    step_decay: float = 0.8
-    chunk_size: int = 1024
-    fused: bool = False
-
-
-def build_drafter(config: DrafterConfig) -> nn.Module:
-    """Instantiate the drafter class for ``config.algorithm`` (config must be resolved)."""
-    from ..drafters.dspark_v4 import DSparkV4  # imports transformers' DeepSeek-V4 blocks: only when built
-
-    classes = {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3, "dspark_v4": DSparkV4}
-    return classes[config.algorithm](config)
+__all__ = ["DrafterModule", "LossWeights", "ValidationDecoder", "build_drafter"]
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -146,6 +116,8 @@ class DrafterModule(L.LightningModule):
         self.decoding = decoding
         self.compile_layers = compile_layers
         self.__dict__["target"] = None  # frozen target, kept out of the state dict and the optimizer
+        self._accumulated = AccumulatedStep()  # the micro-batches of the optimizer step under way
+        self._val_ratios: dict[str, Ratio] | None = None  # summed over this validation epoch's token batches
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Self-describing checkpoints: `export` needs neither the target's files nor network access
@@ -156,6 +128,12 @@ class DrafterModule(L.LightningModule):
                               if not k.startswith("_") and k != "transformers_version"},
             "training_config": getattr(self, "training_config_yaml", None),  # set by the CLI
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before its weights are loaded: refuse a checkpoint of another drafter, naming both (modules/checkpoints.py).
+        from .checkpoints import check_checkpoint_fits
+
+        check_checkpoint_fits(checkpoint, self.drafter_config, self.target_hf_config)
 
     # ------------------------------------------------------------------ target
     def _load_target(self) -> FrozenTarget:
@@ -171,17 +149,12 @@ class DrafterModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.compile_layers:
-            for layer in getattr(self.drafter, "backbone", self.drafter).layers:
+            for layer in self.drafter.layers:
                 if layer._compiled_call_impl is None:  # compiled in place: parameter names do not change
                     layer.compile()
         if self.copy_target_embeddings and self._needs_embedding_copy():
             target = self._load_target()
-            with torch.no_grad():
-                self.drafter.embed_tokens.weight.copy_(target.embed_weight)
-                if hasattr(self.drafter, "load_target_embeddings"):
-                    self.drafter.load_target_embeddings(target.embed_weight, target.lm_head_weight)
-                else:
-                    self.drafter.lm_head.weight.copy_(target.lm_head_weight)
+            self.drafter.load_target_embeddings(target.embed_weight, target.lm_head_weight)
 
     def frozen_target(self) -> FrozenTarget:
         """The frozen target on this module's device (loaded on first use)."""
@@ -209,41 +182,42 @@ class DrafterModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def compute_loss(self, batch: dict[str, Tensor]) -> LossOutput:
         hidden, last_hidden = self.target_states(batch)
-        w = self.loss_weights
-        if self.drafter_config.algorithm == "eagle3":
-            out = self.drafter(batch["input_ids"], hidden, batch["loss_mask"])
-            # A reduced draft vocabulary needs the target's own head for p_t; the full one is the drafter's copy.
-            target_logits = self._load_target().logits if self.drafter.reduced_vocab else self.drafter.target_logits
-            return eagle3_ttt_loss(out, self.drafter.compute_logits, last_hidden, target_logits,
-                                   d2t=self.drafter.d2t if self.drafter.reduced_vocab else None,
-                                   step_decay=w.step_decay, chunk_size=w.chunk_size)
-        anchors, valid = batch.get("anchors"), batch.get("anchor_valid")
-        if anchors is None:
-            anchors, valid = sample_anchors(batch["loss_mask"], self.drafter_config.num_anchors)
-        out = self.drafter(batch["input_ids"], hidden, batch["loss_mask"], anchors, valid)
-        return block_drafter_loss(out, self.drafter.compute_logits, last_hidden, ce_weight=w.ce, l1_weight=w.l1,
-                                  confidence_weight=w.confidence, decay=w.decay, chunk_size=w.chunk_size,
-                                  fused=w.fused)
+        out = self.drafter.training_forward(batch, hidden)
+        # A drafter without the target's head (Eagle3's reduced vocabulary) needs the target's own for p_t.
+        target_logits = None if self.drafter.holds_target_head else self._load_target().logits
+        return drafter_loss(self.drafter, out, last_hidden, self.loss_weights, target_logits)
 
-    def _log_step(self, result: LossOutput, stage: str, batch_size: int) -> None:
+    def _sum_over_ranks(self, flat: Tensor) -> Tensor:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return flat
+        return trainer.strategy.reduce(flat, reduce_op="sum")
+
+    def _log_ratios(self, ratios: dict[str, Ratio], stage: str) -> None:
+        """Log the global values of ``ratios`` (``modules/global_loss.py``): per step in training, once per epoch in
+        validation (the ratios summed over the epoch), the same on every rank (no further sync)."""
+        values = logged_values(ratios)
+        loss = values.pop("loss")
         on_step = stage == "train"
-        sync = stage != "train"
-        logs = {f"{stage}/{k}": v.detach() for k, v in result.terms.items()}
-        if result.expected_tau is not None and not torch.isnan(result.expected_tau):
-            logs[f"{stage}/expected_tau"] = result.expected_tau
-        if result.accept_rate is not None:
-            for k, (rate, count) in enumerate(zip(result.accept_rate, result.position_counts)):
-                if count > 0:
-                    logs[f"{stage}/accept_rate@{k}"] = rate
-        self.log_dict(logs, on_step=on_step, on_epoch=not on_step, sync_dist=sync, batch_size=batch_size,
-                      prog_bar=False)
-        self.log(f"{stage}_loss", result.loss.detach(), on_step=on_step, on_epoch=not on_step, sync_dist=sync,
-                 batch_size=batch_size, prog_bar=True)
+        logs = {f"{stage}/{name}": value for name, value in values.items()}
+        logs[f"{stage}/loss"] = loss
+        self.log_dict(logs, on_step=on_step, on_epoch=not on_step, batch_size=1, prog_bar=False)
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=not on_step, batch_size=1, prog_bar=True)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        result = self.compute_loss(batch)
-        self._log_step(result, "train", batch["input_ids"].shape[0])
-        return result.loss
+        """The loss of the global batch (the same value on every rank); its gradient, after DDP's mean over ranks
+        (and the rescale of an accumulated step, :meth:`on_before_optimizer_step`), is the global batch's."""
+        step = reduce_step(self.compute_loss(batch), self._sum_over_ranks, self.trainer.world_size)
+        share = step.share
+        if self.trainer.accumulate_grad_batches > 1:
+            share = self._accumulated.weigh(step)
+        self._log_ratios(step.ratios, "train")
+        return step.loss + (share - share.detach())  # value: the global loss; gradient: this rank's share
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # After the step's last backward (and the unscaling of a fp16 run), before clipping and the update.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._accumulated.finish(params, self.trainer.accumulate_grad_batches)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if "prompt_ids" in batch:
@@ -254,14 +228,19 @@ class DrafterModule(L.LightningModule):
                 )
             self.decoding.validation_step(self, batch, batch_idx)
             return
-        result = self.compute_loss(batch)
-        self._log_step(result, "val", batch["input_ids"].shape[0])
+        ratios = batch_ratios(self.compute_loss(batch))
+        seen = self._val_ratios
+        self._val_ratios = ratios if seen is None else {k: seen[k].plus(r) for k, r in ratios.items()}
 
     def on_validation_epoch_start(self) -> None:
+        self._val_ratios = None
         if self.decoding is not None:
             self.decoding.on_validation_epoch_start(self)
 
     def on_validation_epoch_end(self) -> None:
+        if self._val_ratios is not None:  # token batches: the epoch's ratios, summed over the ranks once
+            self._log_ratios(summed_over_ranks(self._val_ratios, self._sum_over_ranks), "val")
+            self._val_ratios = None
         if self.decoding is not None:
             self.decoding.on_validation_epoch_end(self)
 

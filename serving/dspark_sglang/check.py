@@ -1,23 +1,24 @@
 """Conformance of an exported drafter with the installed SGLang, on CPU.
 
-    python -m dspark_sglang.check EXPORT_DIR [--target-vocab N] [--target PATH] [--json]
+    python -m dspark_sglang.check EXPORT_DIR [--target-vocab N] [--target PATH] [--sps-table F] [--json]
 
 Steps (each failure is a line naming the problem; exit code 1 if there is any, 0 otherwise):
 
 1. Read the export (:mod:`dspark_sglang.export_dir`) and check the config keys SGLang reads where it reads them
    (e.g. DSpark's head keys top level, not only nested under ``dflash_config``).
 2. Parse the draft config with SGLang's own parsers (``parse_dspark_draft_config`` + ``resolve_runtime_config``,
-   or ``parse_dflash_draft_config``).
+   or ``parse_dflash_draft_config``); load the SPS table (given, or the export's ``sps.json``) with SGLang's loader.
 3. Resolve server arguments with SGLang -- once from the config alone and once with the flags
    ``dspark_sglang.launch`` would pass -- as ``--device cuda`` (resolution needs no GPU): the worker class must be
-   ``DSparkWorkerV2`` / ``DFlashWorkerV2`` / ``EAGLEWorkerV2`` and the verify window gamma + 1 (DSpark) or
-   ``block_size`` (DFlash).
+   ``DSparkWorkerV2`` / ``DFlashWorkerV2`` / ``EAGLEWorkerV2``, the verify window gamma + 1 (DSpark), ``block_size``
+   (DFlash) or Eagle3's trained chain, and the draft's dtype the exported one.
 4. Build the draft class SGLang resolves from ``architectures`` (after loading the ``sglang.srt.plugins``
-   entry points, as a server does), fill every parameter with NaN, run its ``load_weights`` on the exported
-   safetensors, then require (a) every exported tensor to sit, value for value, in the parameter (or the slice of
-   SGLang's fused ``qkv_proj``/``gate_up_proj``) it belongs to, and (b) every parameter to be loaded, except
-   those SGLang fills from the target at runtime. DSpark: in ``SGLANG_RAGGED_VERIFY_MODE=static`` (no confidence
-   head is built) and ``compact`` (the confidence head is built and required).
+   entry points, as a server does), fill every parameter with NaN, load the export the way SGLang's
+   ``DefaultModelLoader`` does, then require (a) every exported tensor to sit, value for value, in the parameter (or
+   the slice of SGLang's fused ``qkv_proj``/``gate_up_proj``) it belongs to, and (b) every parameter to be loaded,
+   except those SGLang fills from the target at runtime. DSpark: in ``SGLANG_RAGGED_VERIFY_MODE=static`` (no
+   confidence head is built) and ``compact`` (the confidence head is built and required). A DeepSeek-V4 bundle:
+   :mod:`dspark_sglang.check_v4`.
 5. Numerics on random inputs, in float32, against :mod:`dspark_sglang.reference`: the Markov bias of every step
    of a block (vanilla / gated / rnn), the confidence (with the export's STS temperatures if it ships
    ``calibration.json``), and the context projection ``hidden_norm(fc(.))``. Eagle3: the hot-token map from ``d2t``.
@@ -255,12 +256,10 @@ def check_sglang_config(info: ExportInfo, hf_config: Any, vocab: int, report: Re
         report.problem(f"SGLang cannot parse the draft config: {type(e).__name__}: {e}")
 
 
-def check_server_args(info: ExportInfo, target: Path, report: Report) -> Any:
-    """Resolve server arguments twice (config only; launcher flags); return the launcher-flags ServerArgs."""
-    from sglang.srt.arg_groups.overrides import resolved_view
-    from sglang.srt.server_args import prepare_server_args
-    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
-
+def check_server_args(info: ExportInfo, target: Path, report: Report,
+                      sps_table: Path | None = None) -> tuple[Any, Any]:
+    """Resolve server arguments twice, from the config alone and with the flags ``dspark_sglang.launch`` passes;
+    returns both ``ServerArgs`` (None where resolution failed)."""
     from dspark_sglang.launch import build_command
 
     attached = info.layout != "draft"
@@ -268,32 +267,75 @@ def check_server_args(info: ExportInfo, target: Path, report: Report) -> Any:
     if not attached:
         bare += ["--speculative-draft-model-path", str(info.draft_dir)]
     mode = "compact" if info.has_confidence_head else "static"
-    launch = build_command(info.path, None if attached else target, mode=mode, python="python").argv[3:]
-    common = ["--device", "cuda", "--skip-tokenizer-init"]
-    resolved = None
+    try:
+        launch = build_command(info.path, None if attached else target, mode=mode, sps_table=sps_table,
+                               python="python").argv[3:]
+    except ExportError as e:
+        report.problem(f"dspark_sglang.launch refuses the export: {e}")
+        launch = None
+    resolved: dict[str, Any] = {}
     for label, args in (("config only", bare), ("dspark_sglang.launch flags", launch)):
-        try:
-            with _env(RAGGED_VERIFY_ENV, mode):
-                server_args = prepare_server_args(args + common)
-                server_args.resolve_once()
-        except Exception as e:
-            report.problem(f"SGLang server-argument resolution ({label}) failed: {type(e).__name__}: {e}")
+        if args is not None:
+            resolved[label] = _resolve(info, args, mode, label, report)
+    return resolved.get("config only"), resolved.get("dspark_sglang.launch flags")
+
+
+def _resolve(info: ExportInfo, args: list[str], mode: str, label: str, report: Report) -> Any:
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    try:
+        with _env(RAGGED_VERIFY_ENV, mode):
+            server_args = prepare_server_args(args + ["--device", "cuda", "--skip-tokenizer-init"])
+            server_args.resolve_once()
+    except Exception as e:
+        report.problem(f"SGLang server-argument resolution ({label}) failed: {type(e).__name__}: {e}")
+        return None
+    view = resolved_view(server_args)
+    worker = SpeculativeAlgorithm.from_string(view.speculative_algorithm).create_worker(server_args)
+    report.worker = worker.__name__
+    report.num_draft_tokens = view.speculative_num_draft_tokens
+    if worker.__name__ != EXPECTED_WORKER[info.algorithm]:
+        report.problem(f"{info.algorithm} resolved to worker {worker.__name__}, expected "
+                       f"{EXPECTED_WORKER[info.algorithm]} ({label}).")
+    shape = (view.speculative_num_steps, view.speculative_eagle_topk, view.speculative_num_draft_tokens)
+    if info.algorithm == "EAGLE3" and label == "config only":
+        # SGLang reads no chain length from an Eagle3 config: it picks one by target architecture.
+        report.note(f"SGLang alone serves this Eagle3 with steps / top-k / draft tokens {shape[0]} / {shape[1]} / "
+                    f"{shape[2]}" + (f"; the export's command passes the trained {info.gamma} / 1 / "
+                                     f"{info.num_draft_tokens}." if info.gamma is not None else "."))
+    elif info.algorithm == "EAGLE3" and info.gamma is not None and shape != (info.gamma, 1, info.num_draft_tokens):
+        report.problem(f"SGLang resolved Eagle3 steps / top-k / draft tokens {shape[0]} / {shape[1]} / {shape[2]}, "
+                       f"the drafter was trained for a chain of {info.gamma} ({label}).")
+    elif info.num_draft_tokens is not None and view.speculative_num_draft_tokens != info.num_draft_tokens:
+        report.problem(f"SGLang resolved --speculative-num-draft-tokens {view.speculative_num_draft_tokens}, "
+                       f"the export implies {info.num_draft_tokens} ({label}).")
+    if info.layout != "draft" and Path(view.speculative_draft_model_path).resolve() != info.draft_dir.resolve():
+        report.problem(f"SGLang resolved the attached draft to {view.speculative_draft_model_path}, "
+                       f"not {info.draft_dir} ({label}).")
+    return server_args
+
+
+def check_dtype(info: ExportInfo, bare: Any, launch: Any, report: Report) -> None:
+    """The dtype SGLang builds the draft in must be the one the export was written in (with the launch flags)."""
+    from sglang.srt.configs.model_config import ModelConfig
+
+    if info.dtype is None:
+        return
+    for label, server_args in (("config only", bare), ("dspark_sglang.launch flags", launch)):
+        if server_args is None:
             continue
-        view = resolved_view(server_args)
-        worker = SpeculativeAlgorithm.from_string(view.speculative_algorithm).create_worker(server_args)
-        report.worker = worker.__name__
-        report.num_draft_tokens = view.speculative_num_draft_tokens
-        if worker.__name__ != EXPECTED_WORKER[info.algorithm]:
-            report.problem(f"{info.algorithm} resolved to worker {worker.__name__}, expected "
-                           f"{EXPECTED_WORKER[info.algorithm]} ({label}).")
-        if info.num_draft_tokens is not None and view.speculative_num_draft_tokens != info.num_draft_tokens:
-            report.problem(f"SGLang resolved --speculative-num-draft-tokens {view.speculative_num_draft_tokens}, "
-                           f"the export implies {info.num_draft_tokens} ({label}).")
-        if attached and Path(view.speculative_draft_model_path).resolve() != info.draft_dir.resolve():
-            report.problem(f"SGLang resolved the attached draft to {view.speculative_draft_model_path}, "
-                           f"not {info.draft_dir} ({label}).")
-        resolved = server_args
-    return resolved
+        served = str(ModelConfig.from_server_args(server_args, model_path=str(info.draft_dir),
+                                                  is_draft_model=True).dtype).removeprefix("torch.")
+        if served == info.dtype:
+            continue
+        if label == "config only":
+            report.note(f"with SGLang's default --dtype auto this {info.dtype} export is served as {served}; the "
+                        f"export's command passes --dtype {info.dtype}.")
+        else:
+            report.problem(f"SGLang builds the draft in {served}, but the export is {info.dtype} ({label}): pass "
+                           f"--dtype {info.dtype}.")
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -357,22 +399,51 @@ def _destination(params: dict[str, Any], model: Any, name: str, algorithm: str) 
     return f"{found}[{start}:{start + sizes[shard]}]", params[found][start:start + sizes[shard]]
 
 
-def check_weights(info: ExportInfo, model: Any, tensors: dict[str, Any], mode: str, report: Report) -> int | None:
-    """Load the export into a NaN-filled model; every tensor must land, every parameter must be loaded.
+def load_like_sglang(model: Any, model_config: Any, server_args: Any, only_files: set[str] | None = None) -> None:
+    """Fill every floating-point parameter with NaN, then load the export the way SGLang's ``DefaultModelLoader``
+    does (its file selection, weight iterator, the model's ``load_weights`` and the post-processing).
 
-    Returns the number of tensors that landed, or None when ``load_weights`` raised.
+    Args:
+        only_files: load only these weight files of the selection (a bundled draft: the files holding its tensors;
+            the draft's ``load_weights`` skips every other tensor of the target checkpoint anyway).
+    """
+    import torch
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.model_loader.loader import DefaultModelLoader, get_model_loader
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.fill_(float("nan"))
+    loader = get_model_loader(LoadConfig(load_format=server_args.speculative_draft_load_format
+                                         or server_args.load_format))
+    if not isinstance(loader, DefaultModelLoader):
+        raise TypeError(f"SGLang picked {type(loader).__name__} for this export, not DefaultModelLoader.")
+    source = DefaultModelLoader.Source.init_new(model_config, model)
+    folder, files, safetensors = loader._prepare_weights(source.model_or_path, source.revision,
+                                                         source.fall_back_to_pt, source.allow_patterns_overrides)
+    if only_files is not None:
+        files = [f for f in files if Path(f).name in only_files]
+    resolved = DefaultModelLoader.ResolvedSource(source=source, hf_folder=folder, weight_files=tuple(files),
+                                                 use_safetensors=safetensors)
+    weights = loader._get_weights_iterator(source, resolved_source=resolved)
+    loader.load_weights_and_postprocess(model, weights, torch.device("cpu"))
+
+
+def check_weights(info: ExportInfo, model: Any, model_config: Any, server_args: Any, tensors: dict[str, Any],
+                  mode: str, report: Report) -> int | None:
+    """Load the export into a NaN-filled model as SGLang does; every tensor must land, every parameter be loaded.
+
+    Returns the number of tensors that landed, or None when loading raised.
     """
     import torch
 
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for p in params.values():
-            if p.is_floating_point():
-                p.fill_(float("nan"))
     try:
-        model.load_weights(iter(tensors.items()))
+        load_like_sglang(model, model_config, server_args)
     except Exception as e:
-        report.problem(f"[{mode}] {type(model).__name__}.load_weights refused the export: {type(e).__name__}: {e}")
+        report.problem(f"[{mode}] SGLang's loader ({type(model).__name__}.load_weights) refused the export: "
+                       f"{type(e).__name__}: {e}")
         return None
 
     landed = 0
@@ -418,6 +489,8 @@ def check_weights(info: ExportInfo, model: Any, tensors: dict[str, Any], mode: s
         if count:
             unset[pname] = f"{pname} {tuple(p.shape)} ({count} of {p.numel()} values)"
     qk = [n for n in unset if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight"))]
+    if any(n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for n in tensors):
+        qk = []  # the drafter has q/k norms: a missing one is a missing tensor, named below, not a missing plugin
     if qk:
         report.problem(
             f"the export has no q_norm/k_norm ({len(qk)} parameters, e.g. {qk[0]}), but {type(model).__name__}'s "
@@ -603,7 +676,7 @@ def check_eagle3_maps(model: Any, tensors: dict[str, Any], report: Report) -> No
 
 # --------------------------------------------------------------------------------------------------- driver
 def check_export(path: str | Path, *, target_vocab: int | None = None, target: str | Path | None = None,
-                 verbose: bool = False) -> Report:
+                 sps_table: str | Path | None = None, verbose: bool = False) -> Report:
     """Check that the installed SGLang serves the export at ``path`` as written (module docstring).
 
     Args:
@@ -612,6 +685,8 @@ def check_export(path: str | Path, *, target_vocab: int | None = None, target: s
             config's ``vocab_size``.
         target: A target model directory to resolve server arguments against (its ``vocab_size`` is the default
             ``target_vocab``); default: a stand-in target config with the draft's geometry.
+        sps_table: An SPS cost table to serve a DSpark export with (``--sps-table`` of the launcher); checked with
+            SGLang's loader, as is an ``sps.json`` the export ships.
         verbose: Keep SGLang's log output and warnings.
     """
     report = Report(path=str(path))
@@ -623,43 +698,49 @@ def check_export(path: str | Path, *, target_vocab: int | None = None, target: s
     report.algorithm, report.architecture, report.layout = info.algorithm, info.architecture, info.layout
     report.gamma = info.gamma
     check_config_keys(info, report)
-    if info.layout == "attached-config":
+    if info.layout == "attached-config" and info.architecture != "DeepseekV4ForCausalLM":
         report.num_draft_tokens = info.num_draft_tokens
-        if info.architecture != "DeepseekV4ForCausalLM":
-            report.problem(
-                f"the draft is bundled through dspark_* keys in a {info.architecture} target config: SGLang 0.5.23 "
-                "loads that form only for DeepseekV4ForCausalLM targets (it remaps the draft class to "
-                "DeepseekV4ForCausalLMDSpark); for other targets export the attached checkpoint with the draft in a "
-                "dspark/ subfolder."
-            )
-        else:
-            report.note("DeepSeek-V4 bundled draft: only the configuration is checked; building "
-                        "DeepseekV4ForCausalLMDSpark needs the full target checkpoint.")
+        report.problem(
+            f"the draft is bundled through dspark_* keys in a {info.architecture} target config: SGLang 0.5.23 "
+            "loads that form only for DeepseekV4ForCausalLM targets (it remaps the draft class to "
+            "DeepseekV4ForCausalLMDSpark; for this target it builds the target's own class as the draft and fails on "
+            "the draft tensors). Export the attached checkpoint with the draft in a dspark/ subfolder."
+        )
         return report
 
     _prepare_sglang(verbose)
+    sps = Path(sps_table) if sps_table else info.sps_path
+    if sps is not None:
+        check_sps_with_sglang(sps, report)
     if target_vocab is None and target is not None and (Path(target) / "config.json").is_file():
         target_config = json.loads((Path(target) / "config.json").read_text())
         target_vocab = (target_config.get("text_config") or target_config).get("vocab_size")
     vocab = int(target_vocab or info.config.get("vocab_size") or 0)
-    hf_config = _hf_config(info.draft_dir)
-    check_sglang_config(info, hf_config, vocab, report)
     with tempfile.TemporaryDirectory(prefix="dspark-check-target-") as tmp:
+        if info.layout != "attached-config":
+            check_sglang_config(info, _hf_config(info.draft_dir), vocab, report)
         target_dir = Path(target) if target else _stand_in_target(info, vocab, Path(tmp))
-        server_args = check_server_args(info, target_dir, report)
+        bare, launch = check_server_args(info, target_dir, report, sps_table=Path(sps_table) if sps_table else None)
+        check_dtype(info, bare, launch, report)
+        server_args = launch or bare  # the weights are checked even when the launcher refuses (problem reported)
         if server_args is None:
             return report
+        modes = ["default"] if info.algorithm != "DSPARK" else \
+            ["static", "compact"] if info.has_confidence_head else ["static"]
+        if info.layout == "attached-config":
+            from dspark_sglang.check_v4 import check_bundled_v4
+
+            check_bundled_v4(info, server_args, modes, report, build=_build_model)
+            return report
         tensors = read_tensors(info)
-        if info.algorithm != "DSPARK":
-            modes = ["default"]
-        else:
-            modes = ["static", "compact"] if info.has_confidence_head else ["static"]
+        check_heads_match_algorithm(info, tensors, report)
         for mode in modes:
             report.modes.append(mode)
-            model = _build_model(info, server_args, mode, report)
-            if model is None:
+            built = _build_model(info, server_args, mode, report)
+            if built is None:
                 continue
-            landed = check_weights(info, model, tensors, mode, report)
+            model, model_config = built
+            landed = check_weights(info, model, model_config, server_args, tensors, mode, report)
             if landed is None:
                 continue
             report.tensors_checked = max(report.tensors_checked, landed)
@@ -673,10 +754,50 @@ def check_export(path: str | Path, *, target_vocab: int | None = None, target: s
     return report
 
 
-def _build_model(info: ExportInfo, server_args: Any, mode: str, report: Report) -> Any:
+def check_sps_with_sglang(path: Path, report: Report) -> None:
+    """The SPS cost table must load with SGLang's own loader (``load_sps_table_from_path``)."""
+    from sglang.srt.speculative.dspark_components.dspark_sps import load_sps_table_from_path
+
+    try:
+        table = load_sps_table_from_path(str(path))
+    except Exception as e:  # msgspec.ValidationError / ValueError
+        hint = (" It is in dspark_lightning's own format: write it with `python -m dspark_lightning profile-sps ... "
+                "--format sglang`." if path.is_file() and "num_tokens" in path.read_text() else "")
+        report.problem(f"SGLang cannot load the SPS table {path}: {type(e).__name__}: {e}.{hint}")
+        return
+    probes = getattr(table, "sample_batch_tokens", None)
+    report.note(f"SPS table {path.name} loads in SGLang ({type(table).__name__}"
+                + (f", {len(probes)} probes up to {probes[-1]} tokens)" if probes else ")"))
+
+
+def check_heads_match_algorithm(info: ExportInfo, tensors: dict[str, Any], report: Report) -> None:
+    """A DSpark drafter (Markov / confidence head tensors) must be labelled for DSPARK: DFLASH has neither head."""
+    heads = sorted({n.split(".", 1)[0] for n in tensors if n.startswith(("markov_head.", "confidence_head."))})
+    if info.algorithm == "DFLASH" and heads:
+        count = sum(n.startswith(("markov_head.", "confidence_head.")) for n in tensors)
+        report.problem(
+            f"the export is a DSpark drafter ({' and '.join(heads)}: {count} tensors) but config.json names "
+            f"architectures [{info.architecture!r}]: SGLang serves it as DFLASH, whose draft class has neither head, "
+            "and drops them silently. Write a DSPARK architecture (Qwen3DSparkModel, DSparkDraftModel, or the plugin's "
+            "DSparkLightningDraftModel) with the DSpark keys (block_size = gamma, markov_rank, markov_head_type, "
+            "enable_confidence_head) top level."
+        )
+
+
+def _build_model(info: ExportInfo, server_args: Any, mode: str, report: Report) -> tuple[Any, Any] | None:
+    """The draft class SGLang resolves for the export, built as its loader does (dtype), and its ModelConfig."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_loader.utils import get_model_architecture, set_default_torch_dtype
+    from sglang.srt.models.registry import ModelRegistry
 
+    if info.needs_plugin and info.architecture not in ModelRegistry.models:
+        report.problem(
+            f"[{mode}] architectures [{info.architecture!r}] is a class of the dspark_sglang plugin, which this SGLang "
+            "did not load (SGLang itself stops with 'Cannot find model module'): install it where SGLang runs, pip "
+            "install ./serving (from the dspark_lightning repository); if SGLANG_PLUGINS is set it must include "
+            "dspark_lightning."
+        )
+        return None
     with _env(RAGGED_VERIFY_ENV, "static" if mode == "default" else mode):
         try:
             model_config = ModelConfig.from_server_args(server_args, model_path=str(info.draft_dir),
@@ -684,7 +805,7 @@ def _build_model(info: ExportInfo, server_args: Any, mode: str, report: Report) 
             cls, _ = get_model_architecture(model_config)
             report.draft_class = f"{cls.__module__}.{cls.__name__}"
             with set_default_torch_dtype(model_config.dtype):
-                return cls(config=model_config.hf_config, quant_config=None)
+                return cls(config=model_config.hf_config, quant_config=None), model_config
         except Exception as e:
             report.problem(f"[{mode}] SGLang cannot build the draft class for architectures="
                            f"[{info.architecture!r}]: {type(e).__name__}: {e}")
@@ -697,10 +818,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("export_dir", help="export directory (config.json + *.safetensors)")
     parser.add_argument("--target-vocab", type=int, help="target vocabulary size (default: the config's vocab_size)")
     parser.add_argument("--target", help="target model dir to resolve server args against (default: a stand-in)")
+    parser.add_argument("--sps-table", help="SPS cost table to serve a DSpark export with (checked with SGLang)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--verbose", action="store_true", help="keep SGLang's logs and warnings")
     args = parser.parse_args(argv)
-    report = check_export(args.export_dir, target_vocab=args.target_vocab, target=args.target, verbose=args.verbose)
+    report = check_export(args.export_dir, target_vocab=args.target_vocab, target=args.target,
+                          sps_table=args.sps_table, verbose=args.verbose)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return 0 if report.ok else 1
 

@@ -43,6 +43,8 @@ STS_FILENAMES = ("calibration.json", "sts.json", "dspark_calibration.json")
 SPS_FILENAMES = ("sps.json", "sps_table.json")
 # SGLang's default block size for a DFlash draft whose config has none (models/dflash.py).
 DFLASH_DEFAULT_BLOCK_SIZE = 16
+# Values of SGLang's --dtype an export's config.json may record.
+SERVED_DTYPES = ("bfloat16", "float16", "float32")
 
 
 class ExportError(ValueError):
@@ -62,11 +64,15 @@ class ExportInfo:
         algorithm: ``DSPARK``, ``DFLASH`` or ``EAGLE3``.
         architecture: ``config["architectures"][0]``.
         num_draft_tokens: SGLang's verify window, ``--speculative-num-draft-tokens`` (DSPARK: gamma + 1;
-            DFLASH: ``block_size``; EAGLE3: ``None``, SGLang chooses).
-        gamma: Draft tokens proposed per round (DSPARK ``block_size``; DFLASH ``block_size - 1``).
+            DFLASH: ``block_size``; EAGLE3: ``ttt_length + 1``, or ``None`` and SGLang chooses).
+        gamma: Draft tokens proposed per round (DSPARK ``block_size``; DFLASH ``block_size - 1``; EAGLE3 the
+            chain length the drafter was trained to unroll, ``ttt_length``: dspark_lightning's exporter writes it,
+            SGLang does not read it).
         has_confidence_head: ``enable_confidence_head`` is true (DSPARK only).
         sts_path, sps_path: Calibration files shipped in the export, if any.
         weight_files: The draft's ``*.safetensors``.
+        dtype: The dtype ``config.json`` records (``dtype``, else ``torch_dtype``), if it is one SGLang's
+            ``--dtype`` takes.
     """
 
     path: Path
@@ -81,6 +87,7 @@ class ExportInfo:
     sts_path: Path | None = None
     sps_path: Path | None = None
     weight_files: list[Path] = field(default_factory=list)
+    dtype: str | None = None
 
     @property
     def needs_plugin(self) -> bool:
@@ -175,13 +182,16 @@ def read_export(path: str | Path) -> ExportInfo:
     elif algorithm == "DFLASH":
         window = int(block) if block is not None else DFLASH_DEFAULT_BLOCK_SIZE
         gamma = window - 1
-    else:
-        gamma = window = None
+    else:  # EAGLE3: a chain of ttt_length steps (topk 1), when the export says so; else SGLang chooses
+        steps = draft_config.get("ttt_length")
+        gamma = int(steps) if steps is not None else None
+        window = gamma + 1 if gamma is not None else None
 
     weights = sorted(draft_dir.glob("*.safetensors"))
     if layout != "attached-config" and not weights:
         raise ExportError(f"{draft_dir} has no *.safetensors weights.")
     confidence = bool(draft_config.get("enable_confidence_head", nested(draft_config, "enable_confidence_head")))
+    dtype = draft_config.get("dtype") or draft_config.get("torch_dtype")
     return ExportInfo(
         path=path,
         layout=layout,
@@ -195,4 +205,51 @@ def read_export(path: str | Path) -> ExportInfo:
         sts_path=_first_file(draft_dir, STS_FILENAMES) or _first_file(path, STS_FILENAMES),
         sps_path=_first_file(draft_dir, SPS_FILENAMES) or _first_file(path, SPS_FILENAMES),
         weight_files=weights,
+        dtype=dtype if dtype in SERVED_DTYPES else None,
     )
+
+
+def check_sps_table(path: Path) -> None:
+    """Raise unless ``path`` is a JSON file of the form SGLang 0.5.23's ``--speculative-dspark-sps-table-path`` reads
+    (``SpsCostTable``: ``sample_batch_tokens`` strictly increasing, as many ``sample_steps_per_sec``,
+    ``max_batch_tokens`` >= the last probe; or the additive model with ``bias_seconds``). JSON only: ``check``
+    also loads it with SGLang's own loader."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"SPS table {path} cannot be read as JSON: {e}.") from e
+    if not isinstance(data, dict):
+        raise ExportError(f"SPS table {path} is not a JSON object.")
+    if "bias_seconds" in data:
+        return
+    if "num_tokens" in data and "sample_batch_tokens" not in data:
+        raise ExportError(
+            f"SPS table {path} is in dspark_lightning's own format (num_tokens / steps_per_second); SGLang reads "
+            "sample_batch_tokens / sample_steps_per_sec / max_batch_tokens. Profile it with `python -m "
+            "dspark_lightning profile-sps ... --format sglang` (or SGLang's python -m "
+            "sglang.benchmark.dspark_sps_profiler)."
+        )
+    missing = [k for k in ("sample_batch_tokens", "sample_steps_per_sec", "max_batch_tokens") if k not in data]
+    if missing:
+        raise ExportError(f"SPS table {path} lacks {missing}; SGLang's SpsCostTable needs sample_batch_tokens, "
+                          "sample_steps_per_sec and max_batch_tokens.")
+    tokens, sps = data["sample_batch_tokens"], data["sample_steps_per_sec"]
+    if not tokens or tokens != sorted(set(tokens)) or len(tokens) != len(sps) or data["max_batch_tokens"] < tokens[-1]:
+        raise ExportError(f"SPS table {path}: sample_batch_tokens must be strictly increasing, as long as "
+                          "sample_steps_per_sec, and max_batch_tokens at least the last of them.")
+
+
+def check_sts_file(path: Path, gamma: int | None) -> None:
+    """Raise unless ``path`` is an STS calibration SGLang reads (``DSparkStsCalibration``): ``temperatures``, gamma
+    positive numbers (one per draft position)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"STS calibration {path} cannot be read as JSON: {e}.") from e
+    temps = data.get("temperatures") if isinstance(data, dict) else None
+    if not isinstance(temps, list) or not temps or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
+        raise ExportError(f"STS calibration {path} needs \"temperatures\": positive numbers; got {temps!r}.")
+    if gamma is not None and len(temps) != gamma:
+        raise ExportError(f"STS calibration {path} has {len(temps)} temperatures; the drafter proposes gamma={gamma} "
+                          "tokens, one temperature each.")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from dspark_sglang.check import Report, check_export
 
 GOOD = {
-    # export dir: (algorithm, draft class, worker, --speculative-num-draft-tokens)
+    # export dir: (algorithm, draft class, worker, --speculative-num-draft-tokens); Eagle3: ttt_length 4 + 1
     "dspark_vanilla": ("DSPARK", "Qwen3DSparkModel", "DSparkWorkerV2", 5),
     "dspark_gated": ("DSPARK", "Qwen3DSparkModel", "DSparkWorkerV2", 5),
     "dspark_rnn": ("DSPARK", "Qwen3DSparkModel", "DSparkWorkerV2", 5),
@@ -28,11 +28,11 @@ GOOD = {
     "dspark_llama": ("DSPARK", "DSparkLightningDraftModel", "DSparkWorkerV2", 5),
     "dflash_zlab": ("DFLASH", "DFlashDraftModel", "DFlashWorkerV2", 8),
     "dflash_llama": ("DFLASH", "DFlashLightningDraftModel", "DFlashWorkerV2", 8),
-    "eagle3": ("EAGLE3", "LlamaForCausalLMEagle3", "EAGLEWorkerV2", 8),
-    "eagle3_padded_vocab": ("EAGLE3", "LlamaForCausalLMEagle3", "EAGLEWorkerV2", 8),
+    "eagle3": ("EAGLE3", "LlamaForCausalLMEagle3", "EAGLEWorkerV2", 5),
+    "eagle3_padded_vocab": ("EAGLE3", "LlamaForCausalLMEagle3", "EAGLEWorkerV2", 5),
     "attached": ("DSPARK", "Qwen3DSparkModel", "DSparkWorkerV2", 5),
     "dspark_smollm2": ("DSPARK", "DSparkLightningDraftModel", "DSparkWorkerV2", 8),
-    "eagle3_smollm2": ("EAGLE3", "LlamaForCausalLMEagle3", "EAGLEWorkerV2", 8),
+    "eagle3_smollm2": ("EAGLE3", "LlamaForCausalLMEagle3", "EAGLEWorkerV2", 5),
 }
 
 
@@ -69,8 +69,8 @@ def test_good_export_passes(exports: Path, name: str) -> None:
     assert (report.algorithm, report.worker, report.num_draft_tokens) == (algorithm, worker, num_draft_tokens)
     assert report.draft_class.endswith("." + draft_class)
     assert report.tensors_checked > 10
+    assert report.gamma == num_draft_tokens - 1
     if algorithm == "DSPARK":
-        assert report.gamma == num_draft_tokens - 1
         notes = "\n".join(report.notes)
         assert "Markov bias" in notes and "equals the reference" in notes
         assert report.modes == (["static"] if name == "dspark_no_confidence" else ["static", "compact"])
@@ -207,3 +207,84 @@ def test_config_bundled_draft_needs_deepseek_v4(tmp_path: Path) -> None:
     report = check_export(tmp_path)
     assert not report.ok
     assert "loads that form only for DeepseekV4ForCausalLM targets" in _problems(report)
+
+
+# ----------------------------------------------------------------------- exports SGLang would serve other than trained
+def test_dspark_export_labelled_dflash_fails(exports: Path, tmp_path: Path) -> None:
+    """DFLASH's draft class has no Markov or confidence head: SGLang would drop both without a word."""
+    path = _copy(exports, "dspark_vanilla", tmp_path)
+    _edit_config(path, architectures=["DFlashDraftModel"])
+    report = check_export(path)
+    assert report.algorithm == "DFLASH" and not report.ok
+    assert ("the export is a DSpark drafter (confidence_head and markov_head: 4 tensors) but config.json names "
+            "architectures ['DFlashDraftModel']: SGLang serves it as DFLASH") in _problems(report)
+    assert "markov_head.markov_w1.weight (256, 8) has no parameter in DFlashDraftModel" in _problems(report)
+
+
+def test_eagle3_with_tied_embeddings_fails(exports: Path, tmp_path: Path) -> None:
+    path = _copy(exports, "eagle3", tmp_path)
+    _edit_config(path, tie_word_embeddings=True)
+    report = check_export(path)
+    assert not report.ok
+    assert "tie_word_embeddings is true" in _problems(report)
+    assert "drops the exported draft lm_head" in _problems(report)
+    assert "lm_head.weight (64, 64) has no parameter in LlamaForCausalLMEagle3" in _problems(report)
+
+
+def test_a_removed_q_norm_is_a_missing_tensor_not_a_missing_plugin(exports: Path, tmp_path: Path) -> None:
+    path = _copy(exports, "dspark_vanilla", tmp_path)
+    _edit_tensors(path, drop=("layers.1.self_attn.q_norm.",))
+    report = check_export(path)
+    assert not report.ok
+    assert "layers.1.self_attn.q_norm.weight (16,) (16 of 16 values) not in the export: SGLang would serve its " \
+           "initial values" in _problems(report)
+    assert "plugin" not in _problems(report) and "DSparkLightningDraftModel" not in _problems(report)
+
+
+def test_float32_export_is_served_in_float32(exports: Path, tmp_path: Path) -> None:
+    """SGLang's --dtype auto serves a float32 config as float16; the launch flags (--dtype float32) must not."""
+    path = _copy(exports, "dspark_vanilla", tmp_path)
+    _edit_config(path, torch_dtype="float32")
+    report = check_export(path)
+    assert report.ok, report.render()
+    assert "with SGLang's default --dtype auto this float32 export is served as float16; the export's command " \
+           "passes --dtype float32" in "\n".join(report.notes)
+
+
+def test_missing_plugin_says_what_to_install(exports: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sglang.srt.models.registry import ModelRegistry
+
+    monkeypatch.delitem(ModelRegistry.models, "DSparkLightningDraftModel")
+    report = check_export(exports / "dspark_llama")
+    assert not report.ok
+    assert "is a class of the dspark_sglang plugin, which this SGLang did not load" in _problems(report)
+    assert "pip install ./serving" in _problems(report) and "Cannot find model module" in _problems(report)
+
+
+def test_eagle3_without_a_trained_chain_length_gets_sglangs_defaults(exports: Path, tmp_path: Path) -> None:
+    """An Eagle3 exported by others (no ttt_length): SGLang picks the chain (5 / 4 / 8 for a Llama target)."""
+    path = tiny_exports.write_eagle3(tmp_path / "eagle3", ttt_length=None)
+    report = check_export(path)
+    assert report.ok, report.render()
+    assert report.num_draft_tokens == 8
+    assert "SGLang alone serves this Eagle3 with steps / top-k / draft tokens 5 / 4 / 8." in report.notes
+    trained = check_export(exports / "eagle3")
+    assert ("SGLang alone serves this Eagle3 with steps / top-k / draft tokens 5 / 4 / 8; the export's command "
+            "passes the trained 4 / 1 / 5.") in trained.notes
+
+
+# ----------------------------------------------------------------------------------------------- SPS tables
+SGLANG_SPS = {"sample_batch_tokens": [5, 10, 20], "sample_steps_per_sec": [90.0, 80.0, 50.0], "max_batch_tokens": 20}
+
+
+def test_sps_table_is_loaded_with_sglangs_loader(exports: Path, tmp_path: Path) -> None:
+    good = tmp_path / "sps.json"
+    good.write_text(json.dumps({**SGLANG_SPS, "device": "NVIDIA H200"}))  # extra keys: SGLang ignores them
+    report = check_export(exports / "dspark_vanilla", sps_table=good)
+    assert report.ok, report.render()
+    assert "SPS table sps.json loads in SGLang (SpsCostTable, 3 probes up to 20 tokens)" in report.notes
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({"num_tokens": [5, 10, 20], "steps_per_second": [90.0, 80.0, 50.0]}))
+    bad = check_export(exports / "dspark_vanilla", sps_table=ours)
+    assert "SGLang cannot load the SPS table" in _problems(bad) and "--format sglang" in _problems(bad)
+    assert "dspark_sglang.launch refuses the export: SPS table" in _problems(bad)

@@ -187,8 +187,10 @@ def write_dflash_zlab(path: Path, *, block_size: int = 8, target_model_type: str
     return _write(path, config, _backbone(gen, g, qk_norm))
 
 
-def write_eagle3(path: Path, *, draft_vocab: int = 64, geometry: Geometry = TINY_LLAMA, seed: int = 2) -> Path:
-    """Eagle3 as SGLang's LlamaForCausalLMEagle3 loads it: one ``midlayer`` with 2H-wide q/k/v, d2t/t2d."""
+def write_eagle3(path: Path, *, draft_vocab: int = 64, geometry: Geometry = TINY_LLAMA, ttt_length: int | None = 4,
+                 seed: int = 2) -> Path:
+    """Eagle3 as SGLang's LlamaForCausalLMEagle3 loads it: one ``midlayer`` with 2H-wide q/k/v, d2t/t2d; with
+    dspark_lightning's ``ttt_length`` (the trained chain length; SGLang does not read it) unless None."""
     g = geometry
     gen = torch.Generator().manual_seed(seed)
     h, q, kv = g.hidden, g.heads * g.head_dim, g.kv_heads * g.head_dim
@@ -201,6 +203,8 @@ def write_eagle3(path: Path, *, draft_vocab: int = 64, geometry: Geometry = TINY
         tie_word_embeddings=False,
         eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 1, 2], "use_aux_hidden_state": True},
     )
+    if ttt_length is not None:
+        config["ttt_length"] = ttt_length
     t = {
         "midlayer.self_attn.q_proj.weight": _rand(gen, q, 2 * h),
         "midlayer.self_attn.k_proj.weight": _rand(gen, kv, 2 * h),

@@ -55,3 +55,26 @@ def _tiny_target_config_factory():
 def _make_drafter_factory():
     """``make_drafter(name, target_cfg, block_size=4, seed=0, layer_ids=(0, 2))`` for the names in DRAFTERS."""
     return make_drafter
+
+
+def greedy_reference(target: FrozenTarget, prompt: list[int], n: int) -> list[int]:
+    """The target alone, no KV cache: a full forward per token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(target(torch.tensor([ids]), compute_logits=True).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def references_for(target64):
+    """``references_for(prompts, n)``: :func:`greedy_reference` of ``target64`` for each prompt (computed once)."""
+    cache: dict = {}
+
+    def get(prompts: list[list[int]], n: int) -> list[list[int]]:
+        key = (tuple(map(tuple, prompts)), n)
+        if key not in cache:
+            cache[key] = [greedy_reference(target64, p, n) for p in prompts]
+        return cache[key]
+
+    return get

@@ -24,6 +24,15 @@ def test_fixed_and_threshold_lengths():
         build_policy("best")
 
 
+def test_fixed_length_known_ahead_only_where_the_policy_ignores_the_confidences():
+    assert FixedLength().fixed_length(8, 7) == 7 and FixedLength(3).fixed_length(8, 7) == 3
+    assert ConfidenceThreshold(0.5).fixed_length(8, 7) is None
+    # Verifying 64 tokens costs 2 % more step time than 8 (tolerance 3 %): flat, everything is verified.
+    assert PrefixScheduler(SpsTable([8, 64], [100.0, 98.0])).fixed_length(8, 7) == 7
+    assert PrefixScheduler(SpsTable([8, 64], [100.0, 95.0])).fixed_length(8, 7) is None
+    assert PrefixScheduler(SpsTable([8, 64], [100.0, 95.0]), flat_tolerance=0.1).fixed_length(8, 7) == 7
+
+
 def test_flat_sps_table_verifies_everything_steep_truncates():
     g = torch.Generator().manual_seed(0)
     conf = torch.rand(256, 7, generator=g) * 0.98 + 0.01

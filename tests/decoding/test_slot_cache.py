@@ -38,7 +38,7 @@ def test_errors_name_the_value_and_the_fix():
     cache = SlotKVCache(8)
     with pytest.raises(RuntimeError, match="write_at must name the slots"):
         cache.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)
-    with pytest.raises(ValueError, match=r"Writing 4 tokens from slot 6 overflows capacity=8.*gamma \+ 1"):
+    with pytest.raises(ValueError, match=r"Writing 4 tokens from slot 6 overflows capacity=8.*one round verifies"):
         cache.write_at(torch.arange(6, 10), 6)
 
 

@@ -29,6 +29,7 @@ from dspark_lightning.drafters.dspark_v4 import (
     v4_config_keys,
     v4_to_mtp_names,
 )
+from dspark_lightning.drafters.protocol import TemperatureSampler
 from dspark_lightning.losses import block_drafter_loss
 from dspark_lightning.targets import TargetConfig, load_target_config
 
@@ -245,8 +246,8 @@ def test_training_and_inference_give_the_same_block():
     model.extend_context(cache, target_hidden[:, :5])
     model.extend_context(cache, target_hidden[:, 5:19], counts=anchors - 5)
     assert cache.lengths.tolist() == anchors.tolist()
-    proposal = model.propose(cache, ids[torch.arange(B), anchors], temperature=1.0,
-                             generator=torch.Generator().manual_seed(0))
+    proposal = model.propose(cache, ids[torch.arange(B), anchors],
+                             TemperatureSampler(1.0, torch.Generator().manual_seed(0)))
     forced = ids.clone()
     for b, a in enumerate(anchors.tolist()):
         forced[b, a + 1:a + GAMMA] = proposal.tokens[b, :GAMMA - 1]

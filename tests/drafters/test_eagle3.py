@@ -12,6 +12,7 @@ import torch
 
 from dspark_lightning.drafters import DrafterConfig, Eagle3
 from dspark_lightning.drafters.eagle3 import build_draft_vocab
+from dspark_lightning.drafters.protocol import TemperatureSampler
 from dspark_lightning.losses import eagle3_ttt_loss
 
 T, K = 12, 3
@@ -190,6 +191,39 @@ def test_golden_logits_and_loss_match_independent_float64_reference():
     assert res.position_counts.tolist() == out.supervise.sum((1, 2)).float().tolist()
 
 
+def test_ttt_supervises_exactly_the_answer_tokens_golden_float64():
+    """Our rule (docs/drafters.md): step k trains the prediction of every answer token x[j] it can reach (from
+    position i = j - 2 - k >= 0), the per-step mean over those. Pinned against a float64 computation that enumerates
+    the answer tokens, not positions. DeepSpec's loss_mask[i+k] rule would instead start at x[s+2] and add x[e]."""
+    model = make_model()
+    ids, target_hidden, target_last, _ = make_batch()
+    spans = [(3, 9), (6, T)]  # answers x[s:e]: one ending before the row does, one running to its end
+    loss_mask = torch.zeros(2, T, dtype=torch.bool)
+    for b, (s, e) in enumerate(spans):
+        loss_mask[b, s:e] = True
+    out = model(ids, target_hidden, loss_mask)
+    for k in range(K):
+        for b, (s, e) in enumerate(spans):
+            targets = (out.supervise[k, b].nonzero().flatten() + 2 + k).tolist()
+            assert targets == [j for j in range(s, e) if j >= 2 + k]
+            assert s + 1 in targets and e not in targets  # the first token drafted after a prefill; nothing past
+
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    ploss = []
+    for k in range(K):
+        ces = []
+        for b, (s, e) in enumerate(spans):
+            for j in range(max(s, 2 + k), e):
+                logp = (_rms(out.hidden[k, b, j - 2 - k].detach(), sd["norm.weight"]) @ sd["lm_head.weight"].T)
+                p_t = (sd["lm_head.weight"] @ target_last[b, j - 1]).softmax(-1)  # the target's view of x[j]
+                ces.append(-(p_t * logp.log_softmax(-1)).sum())
+        ploss.append(torch.stack(ces).mean())
+    res = eagle3_ttt_loss(out, model.compute_logits, target_last, model.target_logits)
+    for k in range(K):
+        torch.testing.assert_close(res.terms[f"ploss_{k}"].double(), ploss[k], atol=0, rtol=1e-6)  # fp32 sums
+    torch.testing.assert_close(res.loss.double(), sum(0.8**k * ploss[k] for k in range(K)), atol=0, rtol=1e-6)
+
+
 def test_loss_backward_is_chunk_invariant_and_skips_frozen_weights():
     model = make_model()
     ids, target_hidden, target_last, loss_mask = make_batch()
@@ -225,8 +259,8 @@ def test_training_time_test_equals_cached_inference(split):
         states = model.draft_states(cache, ids[:, i + 2:i + 1 + K])  # teacher-forced drafts x_{i+2}..x_{i+K}
         torch.testing.assert_close(states, out.hidden[:, :, i].transpose(0, 1), atol=1e-10, rtol=1e-10)
 
-        proposal = model.propose(cache, temperature=0.0)
-        assert proposal.tokens.shape == (2, K) and proposal.probs.shape == (2, K, 64)
+        proposal = model.propose(cache)  # greedy by default
+        assert proposal.tokens.shape == (2, K) and proposal.probs is None
         first = model.compute_logits(out.hidden[0, :, i]).argmax(-1)
         torch.testing.assert_close(proposal.tokens[:, 0], first)
         greedy = model.compute_logits(model.draft_states(cache, proposal.tokens[:, :-1])).argmax(-1)
@@ -259,13 +293,13 @@ def test_uneven_batch_equals_single_rows():
     model.extend_context(cache, torch.stack([target_hidden[0, 5:9], target_hidden[1, 2:6]]),
                          torch.stack([ids[0, 6:10], ids[1, 3:7]]), counts=torch.tensor([4, 4]))
     assert cache.lengths.tolist() == [9, 6]
-    batch = model.propose(cache, temperature=0.0)
+    batch = model.propose(cache)
     forced = torch.randint(0, 64, (2, K - 1), generator=torch.Generator().manual_seed(3))
     states = model.draft_states(cache, forced)
     for row, n in ((0, 9), (1, 6)):
         single = model.new_cache(1)
         model.extend_context(single, target_hidden[row:row + 1, :n], ids[row:row + 1, 1:n + 1])
-        alone_prop = model.propose(single, temperature=0.0)
+        alone_prop = model.propose(single)
         assert torch.equal(batch.tokens[row], alone_prop.tokens[0])
         torch.testing.assert_close(states[row], model.draft_states(single, forced[row:row + 1])[0],
                                    atol=1e-10, rtol=1e-10)
@@ -276,7 +310,7 @@ def test_sampled_proposal_is_a_distribution():
     ids, target_hidden, _, _ = make_batch()
     cache = model.new_cache(2)
     model.extend_context(cache, target_hidden, ids)
-    prop = model.propose(cache, temperature=1.0, generator=torch.Generator().manual_seed(0), num_tokens=5)
+    prop = model.propose(cache, sampler=TemperatureSampler(1.0, torch.Generator().manual_seed(0)), num_tokens=5)
     assert prop.tokens.shape == (2, 5)
     torch.testing.assert_close(prop.probs.sum(-1), torch.ones(2, 5))
     assert (prop.probs.gather(-1, prop.tokens[..., None]) > 0).all()
@@ -331,12 +365,13 @@ def test_reduced_vocabulary_head_loss_and_proposal():
     cache = model.new_cache(2)
     model.extend_context(cache, target_hidden, ids)
     for temperature in (0.0, 1.0):
-        prop = model.propose(cache, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        prop = model.propose(cache, sampler=TemperatureSampler(temperature, torch.Generator().manual_seed(0)))
         assert t2d[prop.tokens].all()  # drafts are target ids inside the draft vocabulary
-        assert (prop.probs[..., ~t2d] == 0).all()
-        torch.testing.assert_close(prop.probs.sum(-1), torch.ones(2, K))
+        if temperature > 0:
+            assert (prop.probs[..., ~t2d] == 0).all()
+            torch.testing.assert_close(prop.probs.sum(-1), torch.ones(2, K))
     greedy = model.compute_logits(cache.last_hidden).argmax(-1)
-    assert torch.equal(model.propose(cache, temperature=0.0).tokens[:, 0], hot[greedy])
+    assert torch.equal(model.propose(cache).tokens[:, 0], hot[greedy])
 
     with pytest.raises(ValueError, match="disagree"):
         model.set_draft_vocab(d2t, ~t2d)

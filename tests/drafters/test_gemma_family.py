@@ -178,8 +178,9 @@ def ref_gelu_tanh(x):
 
 
 def ref_gemma4_layer(sd, h, context, block_pos, ctx_pos, visible):
-    """DeepSpec §1.3 + §1.8: q/k/v from the block (and k/v from the context through the same k_proj), V = K before
-    the norms, k_norm with scale, v_norm without, proportional RoPE, scale 1.0, sandwich norms, layer scalar.
+    """DeepSpec ``deepspec/modeling/dspark/gemma4/modeling.py``: q/k/v from the block (and k/v from the context
+    through the same k_proj), V = K before the norms, k_norm with scale, v_norm without, proportional RoPE, scale
+    1.0, sandwich norms, layer scalar.
     h [B, Q, H], context [B, L, H], visible [B, Q, L + Q] bool. Layout of heads: [B, T, heads, dh]."""
     w = lambda name: sd[name]
     b, q_len, _ = h.shape

@@ -71,7 +71,7 @@ def test_evaluate_without_lightning_greedy(tmp_path):
     assert alone["drafter"] == "target" and alone["suites"]["random"]["tau"] == 1.0
 
 
-def test_decoding_run_passes_engine_options_and_fixed_shapes_decode_the_same():
+def test_decoding_run_passes_engine_keywords_and_timed_phases_decode_the_same():
     target_cfg = TargetConfig(tiny={"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32,
                                     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                                     "num_key_value_heads": 2, "head_dim": 8, "initializer_range": 0.2})
@@ -83,9 +83,9 @@ def test_decoding_run_passes_engine_options_and_fixed_shapes_decode_the_same():
     suites = load_suites(target_cfg, ["random"], max_samples=3, hf_config=target.config)
     batch = make_batches(suites, batch_size=3, max_new_tokens=10)[0]
     default = DecodingRun(target, drafter, ["random"], temperature=0.0)
-    static = DecodingRun(target, drafter, ["random"], temperature=0.0, engine_options={"static_shapes": True})
-    assert not default.engine.static_shapes and static.engine.static_shapes
-    a, b = default.run_batch(batch), static.run_batch(batch)
+    timed = DecodingRun(target, drafter, ["random"], temperature=0.0, time_phases=True)
+    assert not default.engine.time_phases and timed.engine.time_phases
+    a, b = default.run_batch(batch), timed.run_batch(batch)
     assert a.tokens == b.tokens and torch.equal(a.rounds.accepted, b.rounds.accepted)
 
 

@@ -26,7 +26,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dspark_rnn": ("dspark", {"markov_head_type": "rnn", "confidence_head_with_markov": False}),
     "dflash_deepspec": ("dflash", {}),
     "dflash_zlab": ("dflash", {"block_layout": "zlab"}),
-    "eagle3_full": ("eagle3", {}),
+    "eagle3_full": ("eagle3", {"qk_norm": True}),  # the Qwen3 family default (DeepSpec's Eagle3 has q/k norms)
     "eagle3_full_llama_style": ("eagle3", {"qk_norm": False}),
     "eagle3_reduced": ("eagle3", {"qk_norm": False, "draft_vocab_size": REDUCED_VOCAB}),
 }
@@ -122,7 +122,7 @@ def drafter_outputs(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Te
             out["logits"] = model.compute_logits(fwd.hidden)
             cache = model.new_cache(2)
             model.extend_context(cache, hidden[:, :10], x["input_ids"][:, 1:11])
-            proposal = model.propose(cache, temperature=0.0)
+            proposal = model.propose(cache)
         else:
             anchors = torch.tensor([[4, 7, 11], [5, 9, 14]])
             valid = torch.ones_like(anchors, dtype=torch.bool)
@@ -132,11 +132,10 @@ def drafter_outputs(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Te
                 out["confidence"] = fwd.confidence_logits
             cache = model.new_cache(2)
             model.extend_context(cache, hidden[:, :10])
-            proposal = model.propose(cache, x["input_ids"][:, 10], temperature=0.0)
+            proposal = model.propose(cache, x["input_ids"][:, 10])
             if proposal.confidence is not None:
                 out["proposal_confidence"] = proposal.confidence
     out["proposal_tokens"] = proposal.tokens
-    out["proposal_probs"] = proposal.probs
     return out
 
 

@@ -14,7 +14,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dspark_lightning.drafters import DrafterConfig, DSpark
 from dspark_lightning.export import detect_format, export_checkpoint, load_drafter, write_export
-from dspark_lightning.export.attached import DRAFT_SHARD, verify_index
 from dspark_lightning.export.checkpoint import TrainedDrafter, namespace
 
 
@@ -37,16 +36,14 @@ def sharded_target_dir(tmp_path_factory, tiny_target_model) -> Path:
     return path
 
 
-@pytest.mark.parametrize("layout", ["subfolder", "bundled"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
-def test_attached_target_and_draft_both_load(layout, sharded, checkpoints, original, same_outputs, tiny_target_dir,
+def test_attached_target_and_draft_both_load(sharded, checkpoints, original, same_outputs, tiny_target_dir,
                                              sharded_target_dir, tiny_target_model, tmp_path):
     target_dir = sharded_target_dir if sharded else tiny_target_dir
     before = _digest(target_dir)
     out = tmp_path / "attached"
-    with pytest.warns(UserWarning, match="bundled") if layout == "bundled" else _no_warning():
-        export_checkpoint(ckpt=str(checkpoints["dspark_gated"]), format="attached", out=str(out), dtype="float32",
-                          target_dir=str(target_dir), attached_layout=layout)
+    export_checkpoint(ckpt=str(checkpoints["dspark_gated"]), format="attached", out=str(out), dtype="float32",
+                      target_dir=str(target_dir))
     assert _digest(target_dir) == before  # the original target is never rewritten
     # The target copy loads with plain transformers and gives the original's logits.
     target = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -56,31 +53,24 @@ def test_attached_target_and_draft_both_load(layout, sharded, checkpoints, origi
         if name.endswith(".safetensors"):
             assert os.path.samefile(out / name, target_dir / name), name
     # The draft loads from the same directory.
-    assert detect_format(out) == f"attached-{layout}"
+    assert detect_format(out) == "attached-subfolder"
     same_outputs(original(checkpoints["dspark_gated"]), load_drafter(out))
-    config = json.loads((out / "config.json").read_text())
-    if layout == "subfolder":
-        assert config == json.loads((target_dir / "config.json").read_text())
-        draft = json.loads((out / "dspark" / "config.json").read_text())
-        assert draft["architectures"] == ["Qwen3DSparkModel"] and draft["markov_head_type"] == "gated"
-        assert (out / "dspark" / "README.md").is_file()
-    else:
-        verify_index(out)
-        index = json.loads((out / "model.safetensors.index.json").read_text())
-        draft_names = [k for k, v in index["weight_map"].items() if v == DRAFT_SHARD]
-        assert draft_names and all(k.startswith("dspark.") for k in draft_names)
-        assert config["dspark_block_size"] == 4 and config["dspark_markov_rank"] == 16
-        assert config["dspark_noise_token_id"] == 255 and config["dspark_target_layer_ids"] == [0, 2]
-        assert config["dspark_markov_head_type"] == "gated"
-        assert (out / "DSPARK.md").is_file() and not (out / "dspark").exists()
+    assert json.loads((out / "config.json").read_text()) == json.loads((target_dir / "config.json").read_text())
+    draft = json.loads((out / "dspark" / "config.json").read_text())
+    assert draft["architectures"] == ["Qwen3DSparkModel"] and draft["markov_head_type"] == "gated"
+    assert (out / "dspark" / "README.md").is_file()
 
 
-class _no_warning:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def test_bundled_layout_is_refused_for_a_qwen3_target(checkpoints, tiny_target_dir, tmp_path):
+    """SGLang 0.5.23 loads a bundled draft only for DeepSeek-V4 targets: for Qwen3 it would build
+    Qwen3ForCausalLM as the draft and fail on the dspark.* tensors."""
+    out = tmp_path / "attached"
+    with pytest.raises(ValueError, match=r"attached_layout='bundled' is not available for the generic flavour: "
+                                         r"SGLang 0.5.23 loads .* only for DeepseekV4ForCausalLM .*KeyError.* "
+                                         r"Use attached_layout='subfolder'"):
+        export_checkpoint(ckpt=str(checkpoints["dspark_gated"]), format="attached", out=str(out),
+                          target_dir=str(tiny_target_dir), attached_layout="bundled")
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_llama_target_subfolder(tmp_path, same_outputs):

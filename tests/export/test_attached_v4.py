@@ -61,6 +61,19 @@ def _build_target(seed: int = 0, **changes):
     return FrozenTarget.from_config(TargetConfig(tiny={**TINY, **changes}, seed=seed), [0]).model
 
 
+# What the official V4 config.json carries and transformers' save_pretrained does not (SGLang reads both keys): the
+# tiny target's layer types (sliding, CSA 4, HCA 16, sliding) and its one MTP layer, and the V4 router.
+OFFICIAL_KEYS = {"compress_ratios": [0, 4, 16, 0, 0], "topk_method": "noaux_tc"}
+
+
+def _save_target(model, directory: Path, **kwargs) -> Path:
+    """``save_pretrained`` plus the official-config keys, as a V4 checkpoint downloaded from the Hub has them."""
+    model.save_pretrained(directory, **kwargs)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **OFFICIAL_KEYS}, indent=2))
+    return directory
+
+
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def v4_ckpt(tmp_path_factory) -> Path:
@@ -110,8 +123,8 @@ def v4_targets(tmp_path_factory, v4_target) -> dict[str, Path]:
     """``single`` / ``sharded`` save_pretrained directories, and ``*_mtp`` copies carrying a target MTP module:
     in ``model.safetensors`` (single) or half in the last target shard and half in a shard of its own (sharded)."""
     root = tmp_path_factory.mktemp("v4_targets")
-    v4_target.save_pretrained(root / "single")
-    v4_target.save_pretrained(root / "sharded", max_shard_size="300KB")
+    _save_target(v4_target, root / "single")
+    _save_target(v4_target, root / "sharded", max_shard_size="300KB")
     assert len(json.loads((root / "sharded" / SAFE_INDEX).read_text())["weight_map"]) > 100
     shutil.copytree(root / "single", root / "single_mtp")
     _add_mtp(root / "single_mtp", SAFE_WEIGHTS, list(MTP_SHAPES), new_file=False)
@@ -270,13 +283,29 @@ def test_non_v4_target_is_refused_naming_its_model_type(v4_ckpt, tiny_target_dir
 def test_v4_drafter_that_does_not_fit_the_target_is_refused(changes, seed, through_checkpoint, write_message,
                                                             v4_ckpt, tmp_path):
     target_dir = tmp_path / "other_v4"
-    _build_target(seed, **changes).save_pretrained(target_dir)
+    _save_target(_build_target(seed, **changes), target_dir)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=through_checkpoint):
         _export(v4_ckpt, target_dir, out)
     with pytest.raises(ValueError, match=write_message):
         write_export(read_checkpoint(v4_ckpt), fmt="attached", out=out, target_dir=target_dir)
     assert not out.exists()
+
+
+def test_transformers_format_v4_config_is_refused_naming_the_keys_sglang_reads(v4_ckpt, v4_target, tmp_path):
+    """The bundle keeps the target's config.json; SGLang 0.5.23 builds the V4 draft from compress_ratios and
+    topk_method, which transformers' save_pretrained does not write (it has compress_rates by layer type)."""
+    target_dir = tmp_path / "transformers_format"
+    v4_target.save_pretrained(target_dir)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"lacks \['compress_ratios', 'topk_method'\], which SGLang 0.5.23 reads") as e:
+        _export(v4_ckpt, target_dir, out)
+    assert "compress_ratios = [0, 4, 16, 0, 0]" in str(e.value) and "'noaux_tc'" in str(e.value)
+    assert not out.exists()
+    config = json.loads((target_dir / "config.json").read_text())
+    (target_dir / "config.json").write_text(json.dumps({**config, **OFFICIAL_KEYS, "compress_ratios": [0, 4]}))
+    with pytest.raises(ValueError, match=r"compress_ratios=\[0, 4\]; SGLang reads one ratio per layer \(4 layers"):
+        _export(v4_ckpt, target_dir, out)
 
 
 def test_v4_layouts_formats_and_flavours_are_checked(v4_ckpt, v4_targets, tiny_target_dir, tmp_path):

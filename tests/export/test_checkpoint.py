@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dspark_lightning.export.checkpoint import read_checkpoint
+from dspark_lightning.modules.checkpoints import load_checkpoint
 
 
 def test_reads_dataclass_and_dict_hyper_parameters_alike(checkpoints):
@@ -27,7 +28,7 @@ def test_reads_dataclass_and_dict_hyper_parameters_alike(checkpoints):
 def test_tensors_equal_the_checkpoint(checkpoints):
     path = checkpoints["eagle3_reduced"]
     trained = read_checkpoint(path)
-    raw = torch.load(path, weights_only=False)["state_dict"]  # our own test file: safe to unpickle here
+    raw = torch.load(path, weights_only=True)["state_dict"]
     assert trained.state_dict.keys() == {k.removeprefix("drafter.") for k in raw}
     for k, v in raw.items():
         assert torch.equal(trained.state_dict[k.removeprefix("drafter.")], v)
@@ -44,7 +45,7 @@ class Planted:
 
 
 def test_foreign_pickled_objects_are_refused_unexecuted(checkpoints, tmp_path: Path):
-    data = torch.load(checkpoints["dspark_vanilla"], weights_only=False)
+    data = load_checkpoint(checkpoints["dspark_vanilla"])
     data["hyper_parameters"]["extra"] = Planted()
     data["hyper_parameters"]["ordered"] = collections.OrderedDict(a=1)  # allowed by torch's own list
     bad = tmp_path / "foreign.ckpt"

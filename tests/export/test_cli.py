@@ -17,8 +17,8 @@ def test_export_command(checkpoints, original, same_outputs, tmp_path):
           "--dtype", "float32", "--base_model", "Qwen/Qwen3-4B"])
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3DSparkModel"]
     assert "base_model: Qwen/Qwen3-4B" in (out / "README.md").read_text()
-    with pytest.raises(FileExistsError):
-        main(["export", "--ckpt", str(checkpoints["dspark_cli"]), "--format", "sglang", "--out", str(out)])
+    with pytest.raises(FileExistsError):  # --debug: the exception itself rather than the one-line message
+        main(["export", "--ckpt", str(checkpoints["dspark_cli"]), "--format", "sglang", "--out", str(out), "--debug"])
     main(["export", "--ckpt", str(checkpoints["dspark_cli"]), "--format", "hf", "--out", str(out),
           "--dtype", "float32", "--overwrite", "true"])
     same_outputs(original(checkpoints["dspark_cli"]), load_drafter(out))
@@ -26,7 +26,8 @@ def test_export_command(checkpoints, original, same_outputs, tmp_path):
 
 def test_export_command_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--format", "hf", "--out", str(tmp_path / "o")])
+        main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--format", "hf", "--out", str(tmp_path / "o"),
+              "--debug"])
 
 
 def test_help_documents_every_option(capsys):
@@ -51,4 +52,4 @@ def test_import_and_push_commands(checkpoints, tmp_path, capsys):
     main(["push", str(deepspec), "--repo_id", "me/drafter", "--dry_run", "true"])
     assert "upload_folder" in capsys.readouterr().out
     with pytest.raises(ValueError, match="Invalid --repo_id 'not valid'"):
-        main(["push", str(deepspec), "--repo_id", "not valid", "--dry_run", "true"])
+        main(["push", str(deepspec), "--repo_id", "not valid", "--dry_run", "true", "--debug"])

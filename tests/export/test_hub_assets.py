@@ -20,7 +20,7 @@ def test_hub_assets_are_package_data_through_the_symlink():
 
 def test_remote_code_is_the_drafter_modules_the_wrapper_needs_with_local_imports(tmp_path):
     written = hf.write_remote_code(tmp_path)
-    for module in ("config", "_layers", "blocks", "dflash", "dspark", "eagle3"):
+    for module in ("config", "_layers", "blocks", "dflash", "dspark", "eagle3", "protocol", "registry"):
         assert f"{hf.shipped_name(module)}.py" in written, module
     assert "drafter_dspark_v4.py" not in written  # not imported by the wrapper: only what loads ships
     assert {"configuration_dspark_lightning.py", "modeling_dspark_lightning.py"} <= set(written)
@@ -36,7 +36,9 @@ def test_remote_code_is_the_drafter_modules_the_wrapper_needs_with_local_imports
     copy = (tmp_path / "drafter_dspark.py").read_text()
     assert copy.splitlines()[1:] == source.replace("from .dflash import", "from .drafter_dflash import").replace(
         "from ._layers import", "from .drafter_layers import").replace(
-        "from .config import", "from .drafter_config import").splitlines()  # verbatim apart from the imports
+        "from .config import", "from .drafter_config import").replace(
+        "from .protocol import", "from .drafter_protocol import").replace(
+        "from .blocks import", "from .drafter_blocks import").splitlines()  # verbatim apart from the imports
 
 
 @pytest.mark.parametrize(

@@ -293,7 +293,7 @@ def run_loss(model, inputs, fused, **kw):
     model.zero_grad(set_to_none=True)
     out = model(inputs["input_ids"], inputs["target_hidden"], inputs["loss_mask"], inputs["anchors"],
                 inputs["anchor_valid"])
-    res = block_drafter_loss(out, model.compute_logits, inputs["last"], fused=fused, **kw)
+    res = block_drafter_loss(out, model.compute_logits, inputs["last"], fused=fused, head=model.logits_head(), **kw)
     res.loss.backward()
     grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
              for n, p in model.named_parameters() if p.requires_grad}

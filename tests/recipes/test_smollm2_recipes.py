@@ -99,3 +99,15 @@ def test_length_grouped_keeps_batches_tight_and_their_order_mixed():
     firsts = [g[0]["prompt_tokens"] for g in groups]
     assert firsts != sorted(firsts)  # the shortest group is not necessarily first any more
     assert out == prompts.length_grouped(rows, group=10, seed=0)  # seeded
+
+
+def test_plot_skips_positions_no_round_reached(tmp_path):
+    """A report writes NaN as null where no round got that far (an untrained drafter): the plot leaves it out."""
+    for drafter in ("dspark", "dspark_2layer"):
+        write_report(tmp_path, 0, drafter, "0.0", {"a": 1.0, "b": 1.1}, [0.1, None])
+    table = load("smollm2_table")
+    reports = table.load(tmp_path)
+    assert table.conditional_macro(reports[("0.0", "dspark", "seed0")], 2)[0] == pytest.approx(0.1)
+    assert "| a | 1.000 | 1.000 |" in table.tables(reports)  # a drafter beyond the three it knew has its column
+    table.plot(reports, tmp_path / "plot.png", positions=2)
+    assert (tmp_path / "plot.png").stat().st_size > 1000

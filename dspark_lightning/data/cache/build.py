@@ -374,6 +374,9 @@ def _build_rank(spec: _BuildSpec, rank: int, world_size: int, device: torch.devi
         return None
     partials = _wait_for_partials(out, world_size, fingerprint, spec.merge_timeout_s)
     manifest = _merge(spec, partials, sources, fingerprint, world_size, target_info, tok_info, hf_config, len(rows))
+    if manifest["num_samples"] == 0:  # no manifest: a cache nothing can train on must not look finished
+        raise CacheError(_nothing_kept(spec.inputs, len(rows), spec.min_loss_tokens, spec.max_length,
+                                       spec.max_samples))
     write_json_atomic(manifest_path, manifest)
     for r in range(world_size):
         for p in _rank_files(out, r):
@@ -381,6 +384,15 @@ def _build_rank(spec: _BuildSpec, rank: int, world_size: int, device: torch.devi
     _print_summary(out, manifest)
     _print_rates(partials)
     return manifest
+
+
+def _nothing_kept(inputs: list[str], rows: int, min_loss_tokens: int, max_length: int, max_samples: int | None) -> str:
+    """The error for inputs that leave no sample: which files, how many rows, and which filter dropped them."""
+    if rows == 0:
+        return f"max_samples={max_samples} leaves no rows of {inputs} to cache; raise it or remove it."
+    return (f"No sample of {inputs} is left: all {rows} rows were dropped by min_loss_tokens={min_loss_tokens} (fewer "
+            f"trainable assistant tokens once truncated to max_length={max_length}). Lower min_loss_tokens, raise "
+            f"max_length, or check that the rows have assistant turns (regen writes them).")
 
 
 def _wait_for_partials(out: Path, world_size: int, fingerprint: str, timeout_s: float) -> list[dict[str, Any]]:
@@ -591,6 +603,9 @@ def estimate_cache(
             continue
         lengths.append(ids.shape[0])
         loss_tokens += int(mask.sum())
+    if not lengths:
+        raise ValueError(_nothing_kept(inputs if isinstance(inputs, list) else [inputs], len(rows), min_loss_tokens,
+                                       max_length, max_samples))
     tokens = sum(lengths)
     result: dict[str, Any] = {"samples": len(lengths), "dropped": dropped, "tokens": tokens, "loss_tokens": loss_tokens,
                               "bytes": {}, "bytes_per_token": {}}

@@ -21,7 +21,6 @@ The stream is a pure function of ``(seed, epoch, rank, position)``, which is wha
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import logging
@@ -36,8 +35,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ...drafters.blocks import sample_anchors
+from ...drafters.registry import drafter_class
 from ...targets import TargetConfig
-from ..online import collate_tokens
+from ..online import EpochLoader, collate_tokens, stable_seed
 from .format import CacheError, decode_sample, dequantize_fp8, read_manifest, tokenizer_hash
 from .reader import SkipLog, iter_shard, shard_urls
 
@@ -46,9 +46,7 @@ _HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
                   "float64": torch.float64}
 
 
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of values (stable across processes, unlike ``hash``)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+_seed = stable_seed
 
 
 # ---------------------------------------------------------------------- the worker side
@@ -225,23 +223,13 @@ def _batch_sizes(samples: int, batch_size: int) -> list[int]:
     return [batch_size] * full + ([rest] if rest else [])
 
 
-class _EpochLoader:
+class _EpochLoader(EpochLoader):
     """What ``train_dataloader`` returns: an iterable of batches with a fixed length per epoch."""
 
     def __init__(self, dm: TargetCacheDataModule, dataset: _CacheStream) -> None:
         # Not `.dataset`: Lightning would warn about a sized IterableDataset, which this wrapper handles.
-        self.dm, self._stream = dm, dataset
-
-    def __len__(self) -> int:
-        return self.dm.batches_per_epoch
-
-    # Lightning saves and restores a train loader that has these (and warns on mid-epoch resume otherwise); the
-    # position lives in the DataModule, so both paths carry the same state.
-    def state_dict(self) -> dict[str, Any]:
-        return self.dm.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.dm.load_state_dict(state_dict)
+        super().__init__(dm)
+        self._stream = dataset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dm = self.dm
@@ -284,12 +272,15 @@ class TargetCacheDataModule(L.LightningDataModule):
         val_shards: the last ``val_shards`` shards of the manifest are the validation set.
         val_fraction: ... or this fraction of them (rounded, at least 1 when > 0); 0 and 0 = no validation.
         skip_corrupt: skip (and count and log) corrupt samples and truncated shards instead of raising.
-        verify_sha256: hash every shard while streaming and raise if it differs from the manifest.
+        verify_sha256: check each shard's size and sha256 against the manifest before any of its samples is used
+            (the shard is copied to memory, or a temp file beyond 256 MiB, hashed, then read from the copy); a
+            mismatch raises, or skips the whole shard with ``skip_corrupt``. Costs docs/cache.md §6 measures.
         seed: seed of shard order, shuffle buffers and anchors.
-        shard_url: template for shard URLs with ``{name}`` (and ``{path}``), e.g.
-            ``"pipe:aws s3 cp s3://bucket/cache/{name} -"``; default ``<path>/<name>``.
-        num_anchors: anchors per sample; default the trainer module's ``drafter_config.num_anchors`` (none for
-            Eagle3). Without a trainer and without this, batches carry no anchors.
+        shard_url: template for shard URLs with ``{name}`` (and ``{path}``), any fsspec URL, e.g.
+            ``"s3://other-bucket/cache/{name}"``; default ``<path>/<name>``. ``pipe:`` (shell) URLs are refused.
+        num_anchors: anchors per sample; default what the trainer module's drafter trains on
+            (``training_anchors(drafter_config)``: ``num_anchors`` for block drafters, none for Eagle3). Without a
+            trainer and without this, batches carry no anchors.
         target_layer_ids: expected layer ids when no trainer module provides a drafter config.
         tokenizer: tokenizer (directory or Hub id) training assumes; its hash must match the manifest's. Default:
             the target's own tokenizer when it has one and ``check_tokenizer``.
@@ -318,7 +309,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         val_shards: int = 0,
         val_fraction: float = 0.0,
         skip_corrupt: bool = False,
-        verify_sha256: bool = False,
+        verify_sha256: bool = True,
         seed: int = 0,
         shard_url: str | None = None,
         num_anchors: int | None = None,
@@ -372,8 +363,8 @@ class TargetCacheDataModule(L.LightningDataModule):
         if target is not None:
             self._check_target(manifest, target)
         self._check_tokenizer(manifest, target)
-        if self.num_anchors is None and drafter is not None and drafter.algorithm != "eagle3":
-            self.num_anchors = drafter.num_anchors
+        if self.num_anchors is None and drafter is not None:
+            self.num_anchors = drafter_class(drafter.algorithm).training_anchors(drafter)
         self.rank, self.world_size = self._place()
         self.urls = shard_urls(self.path, manifest, self.shard_url)
         counts = [s["samples"] for s in manifest["shards"]]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ TAR_BLOCK = 512
 DEEPSPEC_QWEN3_4B_BYTES_PER_TOKEN = 30_726
 QWEN3_4B_HIDDEN, QWEN3_4B_LAYERS = 2560, 5
 _HIDDEN_KEYS = ("target_hidden", "target_last_hidden")
+# What a shard name in a manifest may be: a plain file name ending in .tar (``shard-RR-IIIII.tar`` as the builder
+# writes them). An allow-list, not a deny-list: no path separator, no "..", no whitespace, no shell or URL syntax.
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,250}\.tar")
 
 
 class CacheError(ValueError):
@@ -292,4 +296,28 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise CacheError(f"{url} lacks the keys {missing}.")
     if manifest["dtype"] not in CACHE_DTYPES:
         raise CacheError(f"{url}: dtype {manifest['dtype']!r} unknown; expected one of {list(CACHE_DTYPES)}.")
+    check_shard_names(manifest["shards"], url)
     return manifest
+
+
+def check_shard_names(shards: Any, where: str) -> None:
+    """Every shard entry names a plain file inside the cache (:data:`SHARD_NAME`), once.
+
+    The names are joined to the cache path to read the shards: a name like ``/etc/hostname`` or ``../x.tar`` would
+    read outside the cache, and one with shell syntax (``x.tar; touch M``) has no business in a file name.
+
+    Raises:
+        CacheError: ``shards`` is not a list of objects with such names, or a name repeats.
+    """
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise CacheError(f"{where}: 'shards' must be a list of objects.")
+    seen: set[str] = set()
+    for i, shard in enumerate(shards):
+        name = shard.get("name")
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name) or ".." in name:
+            raise CacheError(f"{where}: shards[{i}] has name {name!r}, which is not a plain shard file name (letters, "
+                             f"digits, '_', '-', '.', ending in .tar, no '..'; e.g. 'shard-00-00000.tar'). The "
+                             f"manifest was not written by cache build; refusing to read it.")
+        if name in seen:
+            raise CacheError(f"{where}: shard {name!r} is listed twice.")
+        seen.add(name)
