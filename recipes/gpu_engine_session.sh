@@ -50,6 +50,13 @@ case "${1:-}" in
     (cd "$RUN" && tar czf "$OUT/fits.tgz" --exclude='*.ckpt' dspark5 dspark2 dspark5.log dspark2.log)
     find "$RUN" -name "*.ckpt" | xargs ls -la
     ;;
+  quick)  # what a short lease allows: the GPU tests, then round costs at batch 1 and 16 (carry .device/wheels)
+    deadline 100 bash -c "python -m pytest -q -m gpu -p no:cacheprovider tests/decoding -k 'not compiled' 2>&1 \
+      | tail -25 | tee $OUT/gpu_tests.txt"
+    deadline "$(left)" python benchmarks/decode.py --random-target --untrained-layers 5 2 --repeats 2 \
+      --batch-sizes 1 16 --temperatures 0 1 --modes graphs --profile --max-new-tokens 128 \
+      --json "$OUT/random_graphs.json" 2>&1 | tee "$OUT/random_graphs.txt"
+    ;;
   final)  # train and decode in one call (carry .device/wheels .device/p2)
     bash recipes/h200_prepare.sh part2 && bash recipes/h200_prepare.sh convert || exit 1
     mkdir -p /tmp/data && gunzip -c docs/results/smollm2/regen_train.jsonl.gz > /tmp/data/train.jsonl
@@ -72,5 +79,5 @@ case "${1:-}" in
       --temperatures 0.7 --top-p 0.9 --modes graphs --repeats 1 --max-new-tokens 384 --target-only \
       --json "$OUT/regen_rate.json" 2>&1 | tee "$OUT/regen_rate.txt"
     ;;
-  *) echo "usage: $0 timing|train|decode|final" >&2; exit 2 ;;
+  *) echo "usage: $0 timing|train|decode|final|quick" >&2; exit 2 ;;
 esac
