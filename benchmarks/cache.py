@@ -99,7 +99,7 @@ def trainer_rate(cache: Path, root: Path, steps: int, device: str) -> float:
             self.times: list[float] = []
             self.samples = 0
 
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter())

@@ -34,7 +34,7 @@ class DSparkLightningCLI(LightningCLI):
     """LightningCLI with the target linked from the model into the data module (typed once in YAML), safe checkpoint
     loading, and a check that a checkpoint holds the configured drafter (see the module docstring)."""
 
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
+    def add_arguments_to_parser(self, parser) -> None:  # jsonargparse parser
         parser.link_arguments("model.target", "data.init_args.target")
         parser.add_argument(
             "--use_ckpt_config", type=bool, default=False,
@@ -78,13 +78,16 @@ class DSparkLightningCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         self.model.training_config_yaml = parser.dump(config, skip_none=False, skip_check=True)
 
-    def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201
-        """Every run ends with a printed summary (and ``summary.json``) unless the config adds its own."""
+    def instantiate_trainer(self, **kwargs):
+        """Every run ends with a printed summary (and ``summary.json``) unless the config adds its own, and its progress
+        bar counts steps out of ``max_steps`` when steps bound the run (``modules/console.py``)."""
+        from .modules.console import use_step_progress_bar
         from .modules.summary import RunSummary
 
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, RunSummary) for c in trainer.callbacks):
             trainer.callbacks.append(RunSummary())
+        use_step_progress_bar(trainer)
         # Checkpoints go to <default_root_dir>/checkpoints rather than a per-run logger version folder, so
         # `fit --ckpt_path last` finds the previous run's last.ckpt.
         from .modules.checkpoints import NewestLastCheckpoint
@@ -118,7 +121,9 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> DSparkLig
     import lightning as L
 
     from .modules import DrafterModule
+    from .modules.console import quiet_lightning
 
+    quiet_lightning()
     return DSparkLightningCLI(
         DrafterModule,
         L.LightningDataModule,
@@ -149,7 +154,7 @@ COMMANDS: dict = {
 }
 
 
-def _load(spec):  # noqa: ANN001, ANN202
+def _load(spec):
     if isinstance(spec, dict):
         return {name: _load(sub) for name, sub in spec.items()}
     import importlib

@@ -1,4 +1,4 @@
-"""Training losses, as pure functions (DeepSpec ``compute_dspark_loss`` semantics, reference notes §3).
+"""Training losses, as pure functions (DeepSpec ``deepspec/modeling/dspark/loss.py::compute_dspark_loss`` semantics).
 
 Block drafters (DSpark, DFlash), per supervised prediction k (0-based) of a block:
 
@@ -42,7 +42,7 @@ LogitsFn = Callable[[Tensor], Tensor]
 
 @dataclass
 class LossWeights:
-    """Weights of the loss terms (DeepSpec ``compute_dspark_loss`` / ``compute_eagle3_loss``).
+    """Weights of the loss terms (DeepSpec ``deepspec/modeling/dspark/loss.py``, ``deepspec/modeling/eagle3/loss.py``).
 
     Args:
         ce: cross-entropy to the data token (DSpark 0.1, DFlash 1.0).
@@ -210,8 +210,8 @@ def block_drafter_loss(
         sums = {"ce": draft.ce_loss, "l1": draft.l1_loss}  # metrics without a graph; draft.loss carries it
         total = draft.loss
     else:
-        draft_fn = lambda i: compute_logits(hidden[i], None if markov is None else markov[i])  # noqa: E731
-        target_fn = lambda i: compute_logits(target[i].to(hidden.dtype))  # noqa: E731
+        draft_fn = lambda i: compute_logits(hidden[i], None if markov is None else markov[i])
+        target_fn = lambda i: compute_logits(target[i].to(hidden.dtype))
         ce, l1 = chunked_ce_l1(draft_fn, target_fn, labels, chunk_size)
         sums = {"ce": (w * ce).sum(), "l1": (w * l1).sum()}
         total = ce_weight * sums["ce"] + l1_weight * sums["l1"]
@@ -288,7 +288,7 @@ def eagle3_ttt_loss(
     step_decay: float = 0.8,
     chunk_size: int = 1024,
 ) -> LossOutput:
-    """Eagle3 training-time-test loss (DeepSpec ``compute_eagle3_loss``, reference notes §2.2 / §3.2).
+    """Eagle3 training-time-test loss (DeepSpec ``deepspec/modeling/eagle3/loss.py::compute_eagle3_loss``).
 
     Per step k, over the supervised positions of that step::
 

@@ -2,13 +2,13 @@
 
 A target is named by a :class:`TargetConfig` (a local HF model directory, a directory holding a GGUF file,
 an installed Python package that ships one, or a tiny random-init model built in-process for tests) and
-wrapped by :class:`FrozenTarget`, which returns the two tensors every drafter trains on (DESIGN.md, batch
-contract):
+wrapped by :class:`FrozenTarget`, which returns the two tensors every drafter trains on (``docs/design.md``,
+Contracts):
 
 * ``hidden [B, L, m*H]``: the *raw* outputs of the chosen decoder layers, concatenated in the order given
-  (``-1`` = the embedding output). They are captured with forward hooks, as DeepSpec's cache builder does
-  (reference notes §4.3). HF's ``output_hidden_states`` is not the same thing for the last layer: its final
-  entry is the post-norm state, not that layer's output.
+  (``-1`` = the embedding output). They are captured with forward hooks, as DeepSpec's cache builder
+  (``scripts/data/prepare_target_cache.py``) does. HF's ``output_hidden_states`` is not the same thing for the last
+  layer: its final entry is the post-norm state, not that layer's output.
   DeepSeek-V4 layers output ``hc_mult`` parallel mHC residual streams ``[B, L, hc_mult, H]``; the captured state is
   their mean (:func:`mhc_stream_mean`, see there why).
 * ``last_hidden [B, L, H]``: the final-norm output (the base model's ``last_hidden_state``); the target's

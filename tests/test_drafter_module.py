@@ -31,7 +31,7 @@ def module_with(optimizer, clip, precision):
 
 
 def test_fused_optimizer_with_clipping_under_amp_is_refused_with_the_fix():
-    fused = lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True)  # noqa: E731
+    fused = lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True)
     with pytest.raises(ValueError, match=r"AdamW\(fused=True\).*gradient_clip_val=1.0.*bf16-mixed.*Drop the"):
         module_with(fused, 1.0, "bf16-mixed").configure_optimizers()
     # without clipping, or in full precision, Lightning accepts it: so do we

@@ -56,11 +56,11 @@ def concatenated(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
 class Recorder(torch.optim.SGD):
     """lr 0: records the gradients the optimizer steps with."""
 
-    def __init__(self, params) -> None:  # noqa: ANN001
+    def __init__(self, params) -> None:
         super().__init__(params, lr=0.0)
         self.grads: list[torch.Tensor] = []
 
-    def step(self, closure=None):  # noqa: ANN001, ANN201
+    def step(self, closure=None):
         loss = None
         if closure is not None:  # Lightning's closure: the last micro-batch, backward, rescale, clipping
             with torch.enable_grad():
@@ -87,7 +87,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), NODE_RANK="0",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    import lightning as L  # noqa: N814
+    import lightning as L
 
     try:
         for algorithm in ALGORITHMS:
@@ -116,7 +116,7 @@ def ddp_runs(tmp_path_factory) -> Path:
     return out
 
 
-def one_process(algorithm: str, sequences: list[int]):  # noqa: ANN201
+def one_process(algorithm: str, sequences: list[int]):
     """Gradients and loss output of one process on the concatenation of ``sequences``."""
     module = module_for(algorithm)
     result = module.compute_loss(concatenated([sequence(module, i) for i in sequences]))

@@ -1,4 +1,4 @@
-"""The package's one-way import layering (DESIGN.md, "Package layout"), checked statically with `ast`.
+"""The package's one-way import layering (docs/design.md, "Package layers"), checked statically with `ast`.
 
 A layer may import itself and the layers before it in `LAYER_ORDER`; `cli`/`__main__` may import
 everything. `kernels` is a leaf: any layer may import it, it imports no other layer. The package
@@ -30,7 +30,7 @@ DRAFTER_FORBIDDEN = ("lightning", "pytorch_lightning", "webdataset", "transforme
 # Narrow exception (issue 8): the DeepSeek-V4 drafter is composed from transformers' own V4 blocks, so that one file
 # may import that one model package, and nothing else of transformers.
 DRAFTER_TRANSFORMERS_EXCEPTIONS = {"drafters/dspark_v4.py": "transformers.models.deepseek_v4"}
-NO_DISTRIBUTED = ("losses", "drafters")  # STYLE.md habit 4: the LightningModule reduces, not these
+NO_DISTRIBUTED = ("losses", "drafters")  # CONTRIBUTING.md: the LightningModule reduces, not these
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _allowed_text(src: str) -> str:
 
 def test_package_respects_layering() -> None:
     violations = find_violations(PACKAGE_DIR)
-    assert not violations, "import layering broken (DESIGN.md, Package layout):\n" + "\n".join(
+    assert not violations, "import layering broken (docs/design.md, Package layers):\n" + "\n".join(
         map(str, violations)
     )
 
@@ -173,7 +173,7 @@ def test_every_module_belongs_to_a_layer() -> None:
     )
     assert not unassigned, (
         f"{PACKAGE}/{{{', '.join(unassigned)}}} belong to no layer; add each to LAYER_ORDER in "
-        "tests/test_layering.py at its place in DESIGN.md's package layout, or move it into a layer"
+        "tests/test_layering.py at its place in docs/design.md's package layers, or move it into a layer"
     )
 
 

@@ -1,6 +1,6 @@
 """DataModules for online mode: token batches only; the frozen target runs inside the LightningModule.
 
-Both modules yield the batch contract of DESIGN.md without target states: ``input_ids [B, L] int64``,
+Both modules yield the batch contract of docs/design.md without target states: ``input_ids [B, L] int64``,
 ``loss_mask [B, L] bool``, ``attention_mask [B, L] bool`` (right padding), plus ``anchors``/``anchor_valid [B, N]``
 for block drafters.
 
@@ -73,7 +73,7 @@ def split_by_group(groups: list[Any], val_fraction: float, seed: int) -> tuple[l
     order = list(range(len(keys)))
     random.Random(seed).shuffle(order)
     n_val = int(round(val_fraction * len(keys)))
-    pick = lambda chosen: [i for k in chosen for i in members[keys[k]]]  # noqa: E731
+    pick = lambda chosen: [i for k in chosen for i in members[keys[k]]]
     return pick(order[n_val:]), pick(order[:n_val])
 
 

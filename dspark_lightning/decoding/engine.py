@@ -234,7 +234,7 @@ class SpeculativeEngine:
     def _run_fused(self, st: DecodeState, width: int) -> tuple[list[float], list[float], list[float]]:
         """Fused rounds until no row runs; the host checks the previous round's flag after queuing the next."""
         st.verify_len.fill_(width - 1)
-        fused = lambda s: self._fused_round(s, width)  # noqa: E731
+        fused = lambda s: self._fused_round(s, width)
         call = self._graph(st, f"round/{width}", fused) if self.cuda_graphs else fused
         timer = _RoundTimer(self.device)
         previous = None

@@ -48,7 +48,7 @@ class Rounds:
         for p in parts:
             steps.append(p.step + offset)
             offset += p.round_seconds.numel()
-        join = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        join = lambda name: torch.cat([getattr(p, name) for p in parts])
         return cls(join("request"), torch.cat(steps), join("proposal_length"), join("accepted"), join("num_tokens"),
                    join("confidence_logits"), join("draft_seconds"), join("verify_seconds"), join("round_seconds"))
 

@@ -8,7 +8,7 @@ from .eagle3 import Eagle3
 __all__ = ["DrafterConfig", "DFlash", "DSpark", "DSparkV4", "Eagle3"]
 
 
-def __getattr__(name: str):  # noqa: ANN202
+def __getattr__(name: str):
     # DSparkV4 is built from transformers' DeepSeek-V4 blocks: import it (and transformers) only when asked for, so
     # the other drafters stay torch-only.
     if name == "DSparkV4":

@@ -5,9 +5,10 @@ Parameter names are HF/Qwen3's (``self_attn.{q,k,v,o}_proj``, ``q_norm``, ``k_no
 ``input_layernorm``, ``post_attention_layernorm``) so checkpoints load in DeepSpec and SGLang without renaming.
 
 The target family is configuration (DrafterConfig): a Gemma4 target turns on the pieces of DeepSpec's Gemma4
-drafter (reference notes §1.8) in the same modules: sandwich norms (``pre_feedforward_layernorm``,
-``post_feedforward_layernorm``), a ``layer_scalar`` buffer, K = V attention without ``v_proj``, a scale-free
-``v_norm``, softmax scale 1.0, the full-attention head geometry and proportional (partial) RoPE.
+drafter (``deepspec/modeling/dspark/gemma4/modeling.py``) in the same modules: sandwich norms
+(``pre_feedforward_layernorm``, ``post_feedforward_layernorm``), a ``layer_scalar`` buffer, K = V attention without
+``v_proj``, a scale-free ``v_norm``, softmax scale 1.0, the full-attention head geometry and proportional (partial)
+RoPE.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def plan_blocks(
     label_pos = anchors[..., None] + 1 + k  # [B, N, K]
     in_range = label_pos < length
     safe = label_pos.clamp(max=length - 1)
-    flat = lambda t: t.reshape(b, -1)  # noqa: E731
+    flat = lambda t: t.reshape(b, -1)
     labels = input_ids.gather(1, flat(safe)).view(b, n, gamma)
     label_in_loss = loss_mask.bool().gather(1, flat(safe)).view(b, n, gamma)
     supervise = (in_range & label_in_loss & valid[..., None]).long().cumprod(-1).bool()

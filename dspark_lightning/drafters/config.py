@@ -481,7 +481,8 @@ def _v4_geometry(get: Any, given: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _check_gemma4_target(get: Any) -> None:
-    """The Gemma4 drafter variant (DeepSpec §1.8) is defined for dense targets without per-layer inputs."""
+    """The Gemma4 drafter variant (DeepSpec ``deepspec/modeling/dspark/gemma4/modeling.py``, which asserts it) is
+    defined for dense targets without per-layer inputs."""
     if get("enable_moe_block"):
         raise ValueError(
             "The target is a Gemma4 MoE model (enable_moe_block=true); the Gemma4 drafter variant follows dense "
@@ -515,7 +516,7 @@ def _full_attention_geometry(text_config: Any, k_eq_v: bool) -> tuple[int | None
         read = entry.get
     else:
         entry = per_layer[index]
-        read = lambda name: getattr(entry, name, None)  # noqa: E731
+        read = lambda name: getattr(entry, name, None)
     return read("head_dim"), (read("num_key_value_heads") if k_eq_v else kv_heads)
 
 

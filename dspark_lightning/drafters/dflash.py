@@ -76,7 +76,7 @@ class ContextKVCache:
         need = int((self.lengths + counts).max())
         if need > self.capacity:
             grow = max(need, 2 * self.capacity) - self.capacity
-            pad = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], grow, x.shape[3])], dim=2)  # noqa: E731
+            pad = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], grow, x.shape[3])], dim=2)
             self.keys = [pad(k) for k in self.keys]
             self.values = [pad(v) for v in self.values]
         j = torch.arange(t, device=counts.device)

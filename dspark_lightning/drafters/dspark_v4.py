@@ -1,4 +1,4 @@
-"""DSparkV4: DSpark with DeepSeek-V4 decoder blocks as its parallel backbone (DSpark paper §5.1, reference notes §8.6).
+"""DSparkV4: DSpark with DeepSeek-V4 decoder blocks as its parallel backbone (DSpark paper §5.1).
 
 The production drafter of DeepSeek-V4 is "three MoE layers with mHC and a sliding-window attention of 128", gamma = 5,
 a Markov head and a calibrated confidence head. Design choices, each matching SGLang 0.5.23's

@@ -1,7 +1,8 @@
 """Eagle3: a one-layer autoregressive drafter trained with training-time test (TTT).
 
-Follows EAGLE-3 (Li et al., 2025, training-time test) as implemented in DeepSpec ``modeling/eagle3``
-(reference notes §2.2, §3.2) and served by SGLang's ``LlamaForCausalLMEagle3`` (SGLang notes §3, §9).
+Follows EAGLE-3 (Li et al., 2025, training-time test) as implemented in DeepSpec ``deepspec/modeling/eagle3/``
+(``common.py``, ``loss.py``) and served by SGLang's ``LlamaForCausalLMEagle3`` (SGLang 0.5.23
+``python/sglang/srt/models/llama_eagle3.py``).
 
 Design choices:
 - Input of the single decoder layer at draft step k is a pair ``(e, h)``: ``e`` the embedding of a token
@@ -111,9 +112,10 @@ class Eagle3Cache(ContextKVCache):
 
 class Eagle3DecoderLayer(DecoderLayer):
     """Eagle3's layer: ``h' = h + o_proj(attn([input_layernorm(e) ; hidden_norm(h)]))``, then
-    ``h' += mlp(post_attention_layernorm(h'))``. With Gemma4 sandwich norms (DeepSpec §2.2) the residual part is
-    :meth:`DecoderLayer.residual`'s: the attention output is normed before it is added, the MLP is wrapped in
-    ``pre/post_feedforward_layernorm`` and the result is scaled by ``layer_scalar``."""
+    ``h' += mlp(post_attention_layernorm(h'))``. With Gemma4 sandwich norms (DeepSpec
+    ``deepspec/modeling/eagle3/gemma4/``) the residual part is :meth:`DecoderLayer.residual`'s: the attention output
+    is normed before it is added, the MLP is wrapped in ``pre/post_feedforward_layernorm`` and the result is scaled
+    by ``layer_scalar``."""
 
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__(config, attn_in_features=2 * config.hidden_size)

@@ -18,7 +18,7 @@ back to the host (fixed shapes for CUDA graphs); ``cache.select_rows(index)`` ke
 Training (:class:`TrainableDrafter`, driven by ``modules/drafter_module.py``) is two calls and a loss:
 
 1. ``out = drafter.training_forward(batch, target_hidden)``: the teacher-forced pass over a batch of the batch
-   contract (DESIGN.md). A block drafter reads its anchors from the batch (the cache DataModule samples them in its
+   contract (docs/design.md). A block drafter reads its anchors from the batch (the cache DataModule samples them in its
    workers, ``training_anchors(config)`` per row) or samples them itself;
 2. ``losses.drafter_loss(drafter, out, target_last_hidden, weights)`` picks the loss by the type of ``out``; the
    fused block loss reads the head tensors from ``drafter.logits_head()`` (:class:`LogitsHead`).

@@ -1,6 +1,7 @@
 """Speculative-decoding metrics per suite, as a torchmetrics ``Metric`` (summed across ranks).
 
-Definitions (per suite, pooled over every round of every prompt; reference notes §7.3):
+Definitions (per suite, pooled over every round of every prompt, as DeepSpec's
+``deepspec/eval/base_evaluator.py::build_metrics_row`` does):
 
 * ``tau``: mean tokens produced per verify round, the correction/bonus token included (the paper's
   accepted length). A round that ends on an accepted stop token counts the tokens up to it.
@@ -39,7 +40,7 @@ class DecodingMetrics(Metric):
     def __init__(self, num_suites: int, gamma: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_suites, self.gamma = num_suites, gamma
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
         for name in ("rounds", "tokens", "kept_tokens", "offered", "samples", "steps", "draft_seconds",
                      "verify_seconds", "round_seconds"):
             self.add_state(name, default=zeros(num_suites), dist_reduce_fx="sum")
@@ -67,7 +68,7 @@ class DecodingMetrics(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """Per-suite tensors ([S] or [S, gamma]); NaN where nothing was counted."""
-        div = lambda a, b: a / torch.where(b > 0, b, torch.nan)  # noqa: E731
+        div = lambda a, b: a / torch.where(b > 0, b, torch.nan)
         return {
             "tau": div(self.tokens, self.rounds),
             "accept_rate": div(self.survived, self.offered_at),

@@ -162,7 +162,7 @@ class _Batches(IterableDataset):
     def __init__(self, batches: list[dict[str, Any]]) -> None:
         self.batches = batches
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self.batches)
 
     def __len__(self) -> int:

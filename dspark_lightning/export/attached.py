@@ -1,7 +1,7 @@
 """``attached``: the draft written into a copy of the target checkpoint, so one repository serves both.
 
 Two layouts, the two SGLang's ``_handle_dspark`` auto-detects when ``--speculative-draft-model-path`` is omitted
-(reference notes: SGLang §3; SGLang 0.5.23 ``arg_groups/speculative_hook.py``):
+(SGLang 0.5.23 ``python/sglang/srt/arg_groups/speculative_hook.py``):
 
 - ``subfolder`` (default): ``dspark/config.json`` + ``dspark/model.safetensors``, an SGLang DSPARK draft directory
   whose embedding and head are the target's. The target files are untouched. Works for any target family.

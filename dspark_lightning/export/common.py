@@ -1,7 +1,8 @@
 """Pieces every checkpoint layout shares: the target-config base, geometry checks, provenance, config parsing.
 
 DeepSpec and SGLang draft configs are a *copy of the target's HF config* with draft keys added on top
-(reference notes: DeepSpec §1.1, SGLang §9); :func:`target_base_config` makes that copy and
+(DeepSpec ``deepspec/modeling/dspark/qwen3/config.py::build_draft_config``; SGLang 0.5.23
+``python/sglang/srt/models/dspark.py`` reads it); :func:`target_base_config` makes that copy and
 :func:`drafter_config_from_json` reads such a file back through ``DrafterConfig.resolve``, so geometry is parsed
 by the same code that resolved it at training time.
 """

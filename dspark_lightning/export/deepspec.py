@@ -1,5 +1,6 @@
 """DeepSpec's checkpoint layout (``Qwen3DSparkModel`` / ``Qwen3Eagle3Model``, ``Gemma4DSparkModel`` /
-``Gemma4Eagle3Model``), both ways (reference notes §1.1-1.2, §2, §5.5, §6).
+``Gemma4Eagle3Model``), both ways: DeepSpec's ``deepspec/modeling/{dspark,eagle3}/{qwen3,gemma4}/{config,modeling}.py``
+and ``deepspec/trainer/ckpt_manager.py``, and the released ``deepseek-ai/dspark_qwen3_4b_block7`` files.
 
 A DeepSpec draft directory is ``config.json`` + ``model.safetensors``: the config is the target's config (Qwen3:
 the top-level one; Gemma4: its text config, ``model_type: gemma4_text``, plus ``target_model_type`` and

@@ -1,8 +1,9 @@
-"""SGLang 0.5.23 draft checkpoints: DSPARK, DFLASH (z-lab layout) and EAGLE3 (reference notes: SGLang §3, §9).
+"""SGLang 0.5.23 draft checkpoints: DSPARK, DFLASH (z-lab layout) and EAGLE3 (SGLang's loaders in
+``python/sglang/srt/models/``: ``dspark.py``, ``dflash.py``, ``llama_eagle3.py``).
 
 SGLang's loaders skip weights they do not know and leave missing ones at their initial values, so a wrong key
 set loads "fine" and serves with acceptance near 1. Hence the exporter computes the tensor set each serving
-class loads (:func:`required_tensors`, names *and* shapes, written here from the notes, independently of our
+class loads (:func:`required_tensors`, names *and* shapes, written here from those loaders, independently of our
 drafter modules) and refuses to write an export whose tensors differ in any way (:func:`check_tensors`).
 
 What SGLang reads, per algorithm:

@@ -128,7 +128,7 @@ class _FusedBlockLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         # The other outputs are non-differentiable: autograd hands zeros (or None) for them and nothing flows back.
         grad_h, grad_u, grad_w2 = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss  # noqa: E731  (keeps g's dtype: grad_loss is 0-dim)
+        scale = lambda g: None if g is None else g * grad_loss  # keeps g's dtype: grad_loss is 0-dim
         return scale(grad_h), scale(grad_u), None, None, scale(grad_w2), *([None] * 9)
 
 

@@ -81,7 +81,7 @@ def fetch_checkpoint(url: str, directory: str | os.PathLike | None = None) -> Pa
 
 def _open_url(url: str) -> Any:
     if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 - the scheme is checked on the line above
+        return urllib.request.urlopen(url, timeout=60)  # the scheme is checked on the line above
     import fsspec
 
     return fsspec.open(url, "rb").open()
@@ -101,7 +101,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ours = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS} | {name for _, name in FORMER_NAMES}
         try:
             foreign = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - ours)
-        except Exception:  # noqa: BLE001 - the listing is only for the message
+        except Exception:  # the listing is only for the message
             foreign = []
         raise ValueError(
             f"Checkpoint {path} holds pickled objects that dspark_lightning does not unpickle "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,36 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+
+PEAK_MEMORY_KINDS = {"cuda": "CUDA tensors (max_memory_allocated)", "host": "process peak RSS"}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process in GiB: CUDA tensors on a CUDA device, else the peak resident set size (NaN where
+    the platform reports neither)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
+
+
+def tensorboard_dir(trainer: L.Trainer) -> str | None:
+    """The directory to give ``tensorboard --logdir`` when the run logs to TensorBoard (all its versions)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    return None if logger is None else str(Path(logger.root_dir))
+
+
+def _memory_text(throughput: dict[str, Any]) -> str:
+    peaks = throughput["peak_memory_gib_per_rank"]
+    if not peaks or any(math.isnan(g) for g in peaks):
+        return ""
+    return f"; peak memory per rank, {throughput['peak_memory_kind']} (GiB): " + ", ".join(f"{g:.2f}" for g in peaks)
 
 
 class RunSummary(L.Callback):
@@ -21,10 +52,11 @@ class RunSummary(L.Callback):
     runs excluded) after the first ``window`` steps (warm-up, compilation), and the tokens of those batches
     (``input_ids``, padding included). The part of it spent between one batch's end and the next batch's start
     is the loader wait: the loss was read at the batch end (a device sync), so the accelerator idles meanwhile.
-    Peak accelerator memory is gathered from every rank. Start-up is split into phases (rank 0's clock):
-    ``setup`` (from the trainer's callbacks being built to ``on_fit_start``: loading the target, moving and
-    wrapping the model), ``sanity_check`` (to ``on_train_start``) and ``first_steps`` (the ``window`` warm-up
-    steps, where compilation happens).
+    Peak memory is gathered from every rank: on CUDA the most the caching allocator held for tensors
+    (``torch.cuda.max_memory_allocated``), elsewhere the process's peak resident set size (``getrusage``).
+    Start-up is split into phases (rank 0's clock): ``setup`` (from the trainer's callbacks being built to
+    ``on_fit_start``: loading the target, moving and wrapping the model), ``sanity_check`` (to ``on_train_start``)
+    and ``first_steps`` (the ``window`` warm-up steps, where compilation happens).
 
     Args:
         window: steps averaged for the "first" and "last" training loss, and the warm-up steps left out of
@@ -83,7 +115,7 @@ class RunSummary(L.Callback):
     def throughput(self, trainer: L.Trainer) -> dict[str, Any]:
         """Tokens/s of this rank and of all ranks, seconds per step, peak memory per rank (a collective)."""
         device = trainer.strategy.root_device
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+        peak = peak_memory_gib(device)
         rate = self.timed_tokens / self.timed_seconds if self.timed_seconds else math.nan
         local = torch.tensor([peak, rate], dtype=torch.float64, device=device)
         gathered = trainer.strategy.all_gather(local).reshape(-1, 2).cpu() if trainer.world_size > 1 \
@@ -96,11 +128,12 @@ class RunSummary(L.Callback):
             "tokens_per_s_per_rank": gathered[:, 1].tolist(),
             "tokens_per_s": float(gathered[:, 1].sum()),
             "peak_memory_gib_per_rank": gathered[:, 0].tolist(),
+            "peak_memory_kind": PEAK_MEMORY_KINDS["cuda" if device.type == "cuda" else "host"],
         }
 
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
         n = min(self.window, len(self.losses))
-        mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+        mean = lambda xs: sum(xs) / len(xs) if xs else math.nan
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         ckpt = trainer.checkpoint_callback
         return {
@@ -113,6 +146,7 @@ class RunSummary(L.Callback):
             "startup_seconds": self.startup(),
             "last_checkpoint": getattr(ckpt, "last_model_path", None) or None,
             "log_dir": trainer.log_dir,
+            "tensorboard_dir": tensorboard_dir(trainer),
         }
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -134,13 +168,14 @@ class RunSummary(L.Callback):
             lines.append("Validation: " + ", ".join(f"{k.removeprefix('val/')}={v:.4f}" for k, v in val.items()))
         tp = info["throughput"]
         if tp["timed_steps"]:
-            peak = ", ".join(f"{g:.2f}" for g in tp["peak_memory_gib_per_rank"])
             lines.append(f"Throughput: {tp['tokens_per_s']:,.0f} tokens/s on {tp['world_size']} rank(s), "
                          f"{1e3 * tp['seconds_per_step']:.1f} ms/step ({100 * tp['data_wait_fraction']:.1f} % waiting "
-                         f"for data); peak memory per rank (GiB): {peak}")
+                         f"for data)" + _memory_text(tp))
         if info["startup_seconds"]:
             lines.append("Start-up: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s"
                                                   for k, v in info["startup_seconds"].items()))
         lines.append(f"Checkpoint: {info['last_checkpoint']}")
         lines.append(f"Logs and summary.json: {log_dir}")
+        if info.get("tensorboard_dir"):
+            lines.append(f"Curves: tensorboard --logdir {info['tensorboard_dir']}")
         print("\n".join(lines), flush=True)

@@ -42,12 +42,12 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def __init__(self, root: str) -> None:
         self.root = root
 
-    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001 - importlib protocol
+    def find_spec(self, fullname, path=None, target=None):  # importlib protocol
         if fullname == self.root or fullname.startswith(self.root + "."):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
-    def create_module(self, spec):  # noqa: ANN001
+    def create_module(self, spec):
         module = _PlaceholderModule(spec.name)
         module.__path__ = []
         # transformers parses the version of any importable torchvision; the oldest possible one turns off
@@ -55,14 +55,14 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__version__ = "0.0.0"
         return module
 
-    def exec_module(self, module) -> None:  # noqa: ANN001
+    def exec_module(self, module) -> None:
         pass
 
 
 def _torchvision_works() -> bool:
     try:
         import torchvision  # noqa: F401
-    except Exception:  # noqa: BLE001 - a CUDA wheel raises RuntimeError, a missing one ImportError
+    except Exception:  # a CUDA wheel raises RuntimeError, a missing one ImportError
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
         return False

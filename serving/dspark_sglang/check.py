@@ -252,7 +252,7 @@ def check_sglang_config(info: ExportInfo, hf_config: Any, vocab: int, report: Re
                 report.problem(f"mask_token_id={parsed.mask_token_id} is outside the target vocabulary ({vocab}).")
             report.note(f"SGLang parses: block_size {parsed.block_size}, mask_token_id {parsed.mask_token_id}, "
                         f"target_layer_ids {parsed.target_layer_ids}")
-    except Exception as e:  # noqa: BLE001 - SGLang raises ValueError/KeyError/TypeError for bad configs
+    except Exception as e:  # SGLang raises ValueError/KeyError/TypeError for bad configs
         report.problem(f"SGLang cannot parse the draft config: {type(e).__name__}: {e}")
 
 
@@ -289,7 +289,7 @@ def _resolve(info: ExportInfo, args: list[str], mode: str, label: str, report: R
         with _env(RAGGED_VERIFY_ENV, mode):
             server_args = prepare_server_args(args + ["--device", "cuda", "--skip-tokenizer-init"])
             server_args.resolve_once()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         report.problem(f"SGLang server-argument resolution ({label}) failed: {type(e).__name__}: {e}")
         return None
     view = resolved_view(server_args)
@@ -441,7 +441,7 @@ def check_weights(info: ExportInfo, model: Any, model_config: Any, server_args: 
     params = dict(model.named_parameters())
     try:
         load_like_sglang(model, model_config, server_args)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         report.problem(f"[{mode}] SGLang's loader ({type(model).__name__}.load_weights) refused the export: "
                        f"{type(e).__name__}: {e}")
         return None
@@ -564,7 +564,7 @@ def check_numerics(info: ExportInfo, model: Any, tensors: dict[str, Any], report
 
             try:
                 temps = torch.tensor(load_sts_calibration_from_path(str(info.sts_path)).temperatures)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 report.problem(f"{info.sts_path} is not an STS calibration SGLang reads: {e}")
             if temps is not None and temps.numel() != k:
                 report.problem(f"{info.sts_path} has {temps.numel()} temperatures; SGLang requires gamma={k}.")
@@ -749,7 +749,7 @@ def check_export(path: str | Path, *, target_vocab: int | None = None, target: s
                     check_eagle3_maps(model, tensors, report)
                 try:
                     check_numerics(info, model, tensors, report)
-                except Exception as e:  # noqa: BLE001 - a shape the export got wrong surfaces here
+                except Exception as e:  # a shape the export got wrong surfaces here
                     report.problem(f"numerics check failed: {type(e).__name__}: {e}")
     return report
 
@@ -760,7 +760,7 @@ def check_sps_with_sglang(path: Path, report: Report) -> None:
 
     try:
         table = load_sps_table_from_path(str(path))
-    except Exception as e:  # noqa: BLE001 - msgspec.ValidationError / ValueError
+    except Exception as e:  # msgspec.ValidationError / ValueError
         hint = (" It is in dspark_lightning's own format: write it with `python -m dspark_lightning profile-sps ... "
                 "--format sglang`." if path.is_file() and "num_tokens" in path.read_text() else "")
         report.problem(f"SGLang cannot load the SPS table {path}: {type(e).__name__}: {e}.{hint}")
@@ -806,7 +806,7 @@ def _build_model(info: ExportInfo, server_args: Any, mode: str, report: Report) 
             report.draft_class = f"{cls.__module__}.{cls.__name__}"
             with set_default_torch_dtype(model_config.dtype):
                 return cls(config=model_config.hf_config, quant_config=None), model_config
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             report.problem(f"[{mode}] SGLang cannot build the draft class for architectures="
                            f"[{info.architecture!r}]: {type(e).__name__}: {e}")
             return None

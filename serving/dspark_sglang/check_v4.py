@@ -123,7 +123,7 @@ def check_bundled_v4(info: ExportInfo, server_args: Any, modes: list[str], repor
         logging.getLogger(V4_DRAFT_LOGGER).addHandler(handler)
         try:
             load_like_sglang(model, model_config, server_args, only_files={mapping[n] for n in drafts})
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             report.problem(f"[{mode}] SGLang's loader refused the bundled draft: {type(e).__name__}: {e}")
             continue
         finally:

@@ -4,9 +4,9 @@
         [--sps-table F] [--sts F] [--dry-run] [-- sglang args...]
 
 One command per export, from what the drafter was trained with (SGLang 0.5.23's flags:
-``srt/arg_groups/fields/spec.py``, ``srt/arg_groups/speculative_hook.py``). The model card dspark_lightning writes
-gives the same command, flag for flag (``dspark_lightning/export/serve_command.py``;
-``serving/tests/test_our_exports.py`` compares them):
+``python/sglang/srt/arg_groups/fields/spec.py``, ``python/sglang/srt/arg_groups/speculative_hook.py``,
+``launch_server --help``). The model card dspark_lightning writes gives the same command, flag for flag
+(``dspark_lightning/export/serve_command.py``; ``serving/tests/test_our_exports.py`` compares them):
 - DSpark: ``--speculative-algorithm DSPARK``, ``--speculative-dspark-block-size`` gamma (config ``block_size``) and
   ``--speculative-num-draft-tokens`` gamma + 1; env ``SGLANG_RAGGED_VERIFY_MODE`` = ``--mode``. With
   confidence scheduling (``cap-accept``/``compact``, which need the exported confidence head) also the SPS cost

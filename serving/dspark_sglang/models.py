@@ -21,14 +21,14 @@ from sglang.srt.models.dflash import DFlashAttention, DFlashDecoderLayer, DFlash
 from sglang.srt.models.dspark import DSparkDraftModel
 
 
-def config_qk_norm(config) -> bool:  # noqa: ANN001 - a transformers PretrainedConfig
+def config_qk_norm(config) -> bool:  # a transformers PretrainedConfig
     return bool(getattr(config, "qk_norm", True))
 
 
 class NoQKNormAttention(DFlashAttention):
     """DFlash draft attention without the per-head q/k RMSNorm (Llama-family draft layers)."""
 
-    def __init__(self, config, layer_id: int, quant_config=None, prefix: str = "") -> None:  # noqa: ANN001
+    def __init__(self, config, layer_id: int, quant_config=None, prefix: str = "") -> None:
         super().__init__(config, layer_id, quant_config=quant_config, prefix=prefix)
         # No parameters that no checkpoint fills, and no fused kernel that would apply them.
         del self.q_norm, self.k_norm
@@ -60,7 +60,7 @@ class NoQKNormDecoderLayer(DFlashDecoderLayer):
 class DFlashLightningDraftModel(DFlashDraftModel):
     """Upstream ``DFlashDraftModel``; ``"qk_norm": false`` drops the q/k norm of every layer."""
 
-    def __init__(self, config, quant_config=None, prefix: str = "") -> None:  # noqa: ANN001
+    def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         if not config_qk_norm(config):
             self.decoder_layer_cls = NoQKNormDecoderLayer
         super().__init__(config, quant_config=quant_config, prefix=prefix)
@@ -72,7 +72,7 @@ class DFlashLightningDraftModel(DFlashDraftModel):
 class DSparkLightningDraftModel(DSparkDraftModel):
     """Upstream ``DSparkDraftModel`` (Markov + confidence heads); ``"qk_norm": false`` drops the q/k norm."""
 
-    def __init__(self, config, quant_config=None, prefix: str = "") -> None:  # noqa: ANN001
+    def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         self._qk_norm = config_qk_norm(config)
         if not self._qk_norm:
             self.decoder_layer_cls = NoQKNormDecoderLayer
@@ -82,10 +82,10 @@ class DSparkLightningDraftModel(DSparkDraftModel):
 
     # The two fused context-KV writers of DSparkDraftMixin normalise K with the k_norm weights; without q/k
     # norm, write_target_hidden_kv falls back to kv_proj_only -> apply_k_norm (identity) -> RoPE per layer.
-    def _fused_kv_write_bundle(self, pool):  # noqa: ANN001, ANN202
+    def _fused_kv_write_bundle(self, pool):
         return super()._fused_kv_write_bundle(pool) if self._qk_norm else None
 
-    def _stacked_ctx_kv_params(self):  # noqa: ANN202
+    def _stacked_ctx_kv_params(self):
         return super()._stacked_ctx_kv_params() if self._qk_norm else None
 
 

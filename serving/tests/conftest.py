@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pytest  # noqa: E402
-import tiny_exports  # noqa: E402
+import pytest
+import tiny_exports
 
 
 @pytest.fixture(scope="session")

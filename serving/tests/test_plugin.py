@@ -61,5 +61,5 @@ def test_with_qk_norm_our_class_is_upstream(exports: Path) -> None:
 
     ours = _build(exports, "dspark_llama", qk_norm=True)
     upstream = Qwen3DSparkModel(config=AutoConfig.from_pretrained(exports / "dspark_vanilla"))
-    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}  # noqa: E731
+    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}
     assert shapes(ours) == shapes(upstream)

@@ -1,4 +1,4 @@
-"""Exported drafters written by hand, following the checkpoint conventions of reference/sglang.md §9.
+"""Exported drafters written by hand, following the checkpoint conventions SGLang 0.5.23's loaders read.
 
 Default geometry (``TINY``): hidden 64, 4 heads, 2 kv heads, head_dim 16, intermediate 128, vocab 256, 2 draft
 layers, a 4-layer target. ``SMOLLM2`` has the geometry of SmolLM2-135M-Instruct (Llama: hidden 576, 9 heads,

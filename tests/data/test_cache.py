@@ -422,7 +422,7 @@ def test_fit_resumed_from_last_ckpt_trains_on_the_uninterrupted_stream(tokens_ca
         drafter = DrafterConfig(algorithm="dspark", num_hidden_layers=1, target_layer_ids=LAYERS, block_size=4,
                                 num_anchors=4, markov_rank=4)
         # A constant LR: the default schedule spans max_steps, which differs between the runs compared here.
-        constant = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # noqa: E731
+        constant = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         module = DrafterModule(drafter, target, lr_scheduler=constant)
         data = TargetCacheDataModule(str(tokens_cache), target=target, batch_size=4, num_workers=2, seed=5)
         recorder = Recorder()
@@ -618,7 +618,7 @@ def test_fit_from_a_cache_lowers_the_loss_like_online(tmp_path):
                   "init_args": {"path": str(tmp_path / "cache"), "batch_size": 4, "num_workers": 0, "val_shards": 1}}
     online_losses = _smoke_run(tmp_path, "online", None)
     cache_losses = _smoke_run(tmp_path, "cache", cache_data)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     assert len(cache_losses) == len(online_losses) == 20
     first, last, online_last = mean(cache_losses[:5]), mean(cache_losses[-5:]), mean(online_losses[-5:])
     assert last < first - 0.1 and mean(online_losses[-5:]) < mean(online_losses[:5]) - 0.1

@@ -233,7 +233,7 @@ def test_an_interrupted_synthesis_resumes_to_what_an_uninterrupted_one_writes(ti
     result = run_synthesis(cut, tiny_chat_target, chat_tokenizer, budget=60)
     assert result["skipped"] > 0  # round 0 was kept
     assert cut.read_text() == whole.read_text()
-    beside = lambda path, suffix: path.with_name(path.name + suffix).read_text()  # noqa: E731
+    beside = lambda path, suffix: path.with_name(path.name + suffix).read_text()
     assert beside(cut, ".dropped.jsonl") == beside(whole, ".dropped.jsonl")
     timing = ("prompt_seconds", "answer_seconds")
 

@@ -51,7 +51,7 @@ def test_scheduler_maximises_throughput_up_to_its_stop():
     conf = torch.tensor([[0.9, 0.9, 0.2], [0.6, 0.5, 0.5]])
     table = SpsTable([2, 3, 4, 5, 6, 8], [10.0, 9.5, 9.0, 7.0, 6.0, 5.0])
     lengths = schedule_prefix(conf, table)
-    expected = lambda ls: (2 + sum(conf[r, :n].cumprod(0).sum() for r, n in enumerate(ls))) * table(  # noqa: E731
+    expected = lambda ls: (2 + sum(conf[r, :n].cumprod(0).sum() for r, n in enumerate(ls))) * table(
         torch.tensor(2 + sum(ls)))
     best = max(((a, b) for a in range(4) for b in range(4)), key=lambda ls: float(expected(ls)))
     assert tuple(lengths.tolist()) == best == (2, 0)

@@ -1,4 +1,4 @@
-"""Anchor sampling and block planning (DeepSpec notes §1.4) against hand-computed examples."""
+"""Anchor sampling and block planning (DeepSpec ``deepspec/modeling/dspark/common.py``) against examples by hand."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Golden, consistency and naming tests for the block drafters (DFlash, DSpark) and their loss.
 
-The reference below is written from the DeepSpec notes (§1.3-1.7, §3.1, §10) with plain torch ops in
-float64. It reads weights from ``state_dict()`` by name only, so it also pins the parameter names, and it
-builds the attention visibility rule query by query (context ``p < anchor``, keys of the same block).
+The reference below is written from DeepSpec's source (``deepspec/modeling/dspark/``: ``qwen3/modeling.py``,
+``common.py``, ``markov_head.py``, ``loss.py``) with plain torch ops in float64. It reads weights from
+``state_dict()`` by name only, so it also pins the parameter names, and it builds the attention visibility rule
+query by query (context ``p < anchor``, keys of the same block).
 """
 
 from __future__ import annotations
@@ -269,7 +270,7 @@ def test_golden_block_logits_and_confidence(name, layout):
 
 # ------------------------------------------------------------------------------------------------ loss
 def ref_loss(model, spec, inputs, weights, decay=4.0):
-    """Every term of the DSpark / DFlash loss (notes §3.1) in float64 from the reference logits."""
+    """Every term of the DSpark / DFlash loss (DeepSpec ``compute_dspark_loss``) in float64 from reference logits."""
     _, logits, conf, _ = ref_forward(model, spec, inputs)
     lm_head = model.state_dict()["lm_head.weight"].double()
     ids, lm = inputs["input_ids"], inputs["loss_mask"]
@@ -352,8 +353,8 @@ def _grads(model, loss):
 
 
 def test_confidence_loss_trains_features_not_the_draft_distribution():
-    """The soft label is detached (notes §3.1): the confidence term reaches the backbone and W1 through the
-    confidence features, never W2 (which only shapes p_d); CE + L1 never reach the confidence head."""
+    """The soft label is detached (as in ``compute_dspark_loss``): the confidence term reaches the backbone and W1
+    through the confidence features, never W2 (which only shapes p_d); CE + L1 never reach the confidence head."""
     model = build(make_config(markov_head_type="vanilla"))
     inputs = make_inputs()
     target_last = inputs["target_last_hidden"]

@@ -73,9 +73,9 @@ def reference_ttt(sd: dict, ids, target_hidden, steps: int, nh: int = 4, nkv: in
     """Eagle3 TTT written from the definition, one query (step k, position i) at a time.
 
     Returns the pre-norm hidden states [K, B, T, H]."""
-    w = lambda name: sd[f"layers.0.{name}"]  # noqa: E731
+    w = lambda name: sd[f"layers.0.{name}"]
     b, t = ids.shape
-    tok = lambda n: ids[:, n] if n < t else torch.zeros(b, dtype=torch.long)  # noqa: E731
+    tok = lambda n: ids[:, n] if n < t else torch.zeros(b, dtype=torch.long)
     h_in = target_hidden @ sd["fc.weight"].T  # [B, T, H]
     keys: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     outs = []
@@ -165,7 +165,7 @@ def test_golden_logits_and_loss_match_independent_float64_reference():
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     ref_hidden = reference_ttt(sd, ids, target_hidden, K)
     assert out.hidden.shape == (K, 2, T, 32)
-    norm = lambda h: _rms(h, sd["norm.weight"])  # noqa: E731
+    norm = lambda h: _rms(h, sd["norm.weight"])
     torch.testing.assert_close(model.compute_logits(out.hidden), norm(ref_hidden) @ sd["lm_head.weight"].T,
                                atol=1e-5, rtol=1e-5)
 
@@ -347,7 +347,7 @@ def test_reduced_vocabulary_head_loss_and_proposal():
 
     ids, target_hidden, target_last, loss_mask = make_batch()
     out = model(ids, target_hidden, loss_mask)
-    target_fn = lambda h: h @ target_head.T  # noqa: E731
+    target_fn = lambda h: h @ target_head.T
     res = eagle3_ttt_loss(out, model.compute_logits, target_last, target_fn, d2t=model.d2t, chunk_size=4)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     loss, ploss, accept_rate, tau = reference_loss(sd, out.hidden.detach(), ids, target_last, loss_mask,

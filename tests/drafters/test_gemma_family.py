@@ -1,5 +1,5 @@
-"""The target family is configuration: a Gemma4 target gives DeepSpec's Gemma4 drafter (reference notes §1.8,
-§2.2, §6) from the same modules that serve Qwen3 and Llama.
+"""The target family is configuration: a Gemma4 target gives DeepSpec's Gemma4 drafter
+(``deepspec/modeling/{dspark,eagle3}/gemma4/``) from the same modules that serve Qwen3 and Llama.
 
 Checked here: what ``DrafterConfig.resolve`` reads from a tiny Gemma4 text target built in-process (and from
 the two places transformers versions keep the full-attention geometry), the DeepSpec Gemma4 tensor names, one
@@ -120,7 +120,7 @@ def test_qwen3_and_llama_keep_the_pre_norm_layout(model_type):
 
 # ------------------------------------------------------------------------------------------------ names
 def gemma4_layer_shapes(prefix: str, attn_in: int) -> dict[str, tuple[int, ...]]:
-    """DeepSpec's Gemma4 layer (notes §1.8, §6): sandwich norms, layer_scalar, q/k norms, no v_proj (K = V)."""
+    """DeepSpec's Gemma4 layer (``gemma4/modeling.py``): sandwich norms, layer_scalar, q/k norms, no v_proj (K = V)."""
     return {prefix + "input_layernorm.weight": (H,), prefix + "post_attention_layernorm.weight": (H,),
             prefix + "pre_feedforward_layernorm.weight": (H,), prefix + "post_feedforward_layernorm.weight": (H,),
             prefix + "layer_scalar": (1,),
@@ -178,10 +178,11 @@ def ref_gelu_tanh(x):
 
 
 def ref_gemma4_layer(sd, h, context, block_pos, ctx_pos, visible):
-    """DeepSpec §1.3 + §1.8: q/k/v from the block (and k/v from the context through the same k_proj), V = K before
-    the norms, k_norm with scale, v_norm without, proportional RoPE, scale 1.0, sandwich norms, layer scalar.
+    """DeepSpec ``deepspec/modeling/dspark/gemma4/modeling.py``: q/k/v from the block (and k/v from the context
+    through the same k_proj), V = K before the norms, k_norm with scale, v_norm without, proportional RoPE, scale
+    1.0, sandwich norms, layer scalar.
     h [B, Q, H], context [B, L, H], visible [B, Q, L + Q] bool. Layout of heads: [B, T, heads, dh]."""
-    w = lambda name: sd[name]  # noqa: E731
+    w = lambda name: sd[name]
     b, q_len, _ = h.shape
     x = ref_rms(h, w("input_layernorm.weight"))
     q = ref_rms((x @ w("self_attn.q_proj.weight").T).view(b, q_len, NH, GDH), w("self_attn.q_norm.weight"))

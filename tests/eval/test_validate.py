@@ -15,6 +15,8 @@ from dspark_lightning.drafters import DrafterConfig
 from dspark_lightning.eval.metrics import DecodingMetrics
 from dspark_lightning.eval.report import build_report, markdown_table, write_report
 from dspark_lightning.eval.run import evaluate
+from dspark_lightning.eval.suites import load_suites, make_batches
+from dspark_lightning.eval.validate import DecodingRun
 from dspark_lightning.modules.drafter_module import build_drafter
 from dspark_lightning.targets import FrozenTarget, TargetConfig, load_target_config
 
@@ -67,6 +69,24 @@ def test_evaluate_without_lightning_greedy(tmp_path):
     assert (tmp_path / "report.json").is_file() and not (tmp_path / "acceptance.png").exists()
     alone = evaluate(None, target, ["random"], temperature=0.0, max_new_tokens=12, max_samples=3, verbose=False)
     assert alone["drafter"] == "target" and alone["suites"]["random"]["tau"] == 1.0
+
+
+def test_decoding_run_passes_engine_keywords_and_timed_phases_decode_the_same():
+    target_cfg = TargetConfig(tiny={"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32,
+                                    "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                    "num_key_value_heads": 2, "head_dim": 8, "initializer_range": 0.2})
+    cfg = DrafterConfig(algorithm="dspark", num_hidden_layers=1, target_layer_ids=[0, 1], block_size=3,
+                        mask_token_id=63, markov_rank=8).resolve(load_target_config(target_cfg))
+    torch.manual_seed(0)
+    drafter = build_drafter(cfg).eval()
+    target = FrozenTarget.from_config(target_cfg, cfg.target_layer_ids)
+    suites = load_suites(target_cfg, ["random"], max_samples=3, hf_config=target.config)
+    batch = make_batches(suites, batch_size=3, max_new_tokens=10)[0]
+    default = DecodingRun(target, drafter, ["random"], temperature=0.0)
+    timed = DecodingRun(target, drafter, ["random"], temperature=0.0, time_phases=True)
+    assert not default.engine.time_phases and timed.engine.time_phases
+    a, b = default.run_batch(batch), timed.run_batch(batch)
+    assert a.tokens == b.tokens and torch.equal(a.rounds.accepted, b.rounds.accepted)
 
 
 def test_metrics_survival_vs_conditional_and_report_table():

@@ -1,6 +1,7 @@
-"""Importing DeepSpec draft directories built here from the reference notes (DeepSpec §1.1-1.2, §2.2, §6): config
-keys = the Qwen3 target config + DeepSpec's draft keys, tensors under DeepSpec's module names, embed/lm_head
-included, bf16. The imported drafter must give the logits of a drafter built by hand from the same description."""
+"""Importing DeepSpec draft directories built here as DeepSpec writes them (``deepspec/modeling/*/qwen3/``,
+``deepspec/modeling/*/gemma4/``): config keys = the target config (Gemma4: its text config) + DeepSpec's draft keys,
+tensors under DeepSpec's module names, embed/lm_head included, bf16. The imported drafter must give the logits of a
+drafter built by hand from the same description."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def dspark_dir(root: Path, markov_rank: int = 8) -> tuple[Path, DrafterConfig, d
                        "confidence_head.proj.weight": (1, H + markov_rank), "confidence_head.proj.bias": (1,)})
     directory = root / ("dspark" if dspark else "dflash")
     tensors = _write(directory, config, shapes, seed=markov_rank)
-    # The drafter as the notes describe it, configured by hand.
+    # The drafter as DeepSpec's files describe it, configured by hand.
     cfg = DrafterConfig(algorithm="dspark" if dspark else "dflash", num_hidden_layers=2, target_layer_ids=[0, 2],
                         block_size=3, block_layout="deepspec", mask_token_id=V - 1, markov_rank=markov_rank,
                         enable_confidence_head=dspark, confidence_head_with_markov=dspark,

@@ -1,6 +1,6 @@
-"""Key sets of the SGLang exports against the lists of what SGLang 0.5.23 loads (reference notes: SGLang §3, §9).
+"""Key sets of the SGLang exports against the lists of what SGLang 0.5.23 loads (``python/sglang/srt/models/``).
 
-The expected names are spelled out here for the tiny configs, from the notes, not computed by the exporter; the
+The expected names are spelled out here for the tiny configs, from those loaders, not computed by the exporter; the
 serving tests (serving/tests/test_our_exports.py) check exports of the CLI against the real SGLang package.
 Also: the two adaptations of the exporter -- the dspark_sglang plugin class for drafters without q/k norm
 (Llama-family targets) and the all-zero rank-1 Markov head for head-less block drafters served by DSPARK.

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # before anything imports triton (dspark_lightning.kernels does)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dspark_lightning.drafters import DFlash, DrafterConfig, DSpark  # noqa: E402
-from dspark_lightning.kernels import fused_block_loss, vocab_ce_l1, vocab_ce_l1_reference  # noqa: E402
-from dspark_lightning.kernels import testing as kernel_testing  # noqa: E402
-from dspark_lightning.kernels.vocab_ce_l1 import resolve_backend  # noqa: E402
-from dspark_lightning.losses import block_drafter_loss  # noqa: E402
+from dspark_lightning.drafters import DFlash, DrafterConfig, DSpark
+from dspark_lightning.kernels import fused_block_loss, vocab_ce_l1, vocab_ce_l1_reference
+from dspark_lightning.kernels import testing as kernel_testing
+from dspark_lightning.kernels.vocab_ce_l1 import resolve_backend
+from dspark_lightning.losses import block_drafter_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton, test_triton_cases_in_fresh_process = kernel_testing.triton_test_kit(__file__)
@@ -144,7 +144,7 @@ def test_triton_elementwise_no_rows():
 # ------------------------------------------------------------------------------ the autograd Function
 def function_inputs(t, dtype=torch.float64, markov=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)  # noqa: E731
+    rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
     return dict(hidden=rnd(t, H).requires_grad_(), target_hidden=rnd(t, H), weight=rnd(V, H, s=0.5),
                 labels=torch.randint(0, V, (t,), generator=g), w=torch.rand(t, generator=g),
                 markov=rnd(t, RANK).requires_grad_() if markov else None,
@@ -438,7 +438,7 @@ def test_gpu_fused_block_loss_qwen3_vocab_matches_autograd():
     """fused_block_loss (Triton, bf16, hidden 2560, Markov rank 256) vs autograd over bf16 logits, 1,100 tokens."""
     t, h, r = 1100, 2560, 256
     g = torch.Generator(device="cuda").manual_seed(0)
-    rnd = lambda *s, sc=1.0: (sc * torch.randn(*s, generator=g, device="cuda")).bfloat16()  # noqa: E731
+    rnd = lambda *s, sc=1.0: (sc * torch.randn(*s, generator=g, device="cuda")).bfloat16()
     hidden, target_h, u = rnd(t, h).requires_grad_(), rnd(t, h), rnd(t, r).requires_grad_()
     weight, w2 = rnd(QWEN3_VOCAB, h, sc=0.04), rnd(QWEN3_VOCAB, r, sc=0.05).requires_grad_()
     labels = torch.randint(0, QWEN3_VOCAB, (t,), device="cuda", generator=g)

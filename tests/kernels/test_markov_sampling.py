@@ -17,8 +17,8 @@ import torch
 if not torch.cuda.is_available():  # before anything imports triton (dspark_lightning.kernels does)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dspark_lightning.kernels import gumbel_noise, markov_sample, markov_sample_reference  # noqa: E402
-from dspark_lightning.kernels import testing as kernel_testing  # noqa: E402
+from dspark_lightning.kernels import gumbel_noise, markov_sample, markov_sample_reference
+from dspark_lightning.kernels import testing as kernel_testing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton, test_triton_cases_in_fresh_process = kernel_testing.triton_test_kit(__file__)

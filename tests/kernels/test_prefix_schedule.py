@@ -17,9 +17,9 @@ import torch
 if not torch.cuda.is_available():  # before anything imports triton (dspark_lightning.kernels does)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dspark_lightning.decoding import PrefixScheduler, SpsTable, schedule_prefix  # noqa: E402
-from dspark_lightning.kernels import prefix_schedule, prefix_schedule_reference  # noqa: E402
-from dspark_lightning.kernels import testing as kernel_testing  # noqa: E402
+from dspark_lightning.decoding import PrefixScheduler, SpsTable, schedule_prefix
+from dspark_lightning.kernels import prefix_schedule, prefix_schedule_reference
+from dspark_lightning.kernels import testing as kernel_testing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton, test_triton_cases_in_fresh_process = kernel_testing.triton_test_kit(__file__)

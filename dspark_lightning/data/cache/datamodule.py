@@ -71,7 +71,7 @@ class _EpochPlan:
 
 
 def collate_cache(samples: list[dict[str, Any]], hidden_dtype: torch.dtype) -> dict[str, Any]:
-    """Right-pad decoded samples to the batch contract (DESIGN.md) and cast hidden states to ``hidden_dtype``."""
+    """Right-pad decoded samples to the batch contract (docs/design.md) and cast hidden states to ``hidden_dtype``."""
     batch: dict[str, Any] = collate_tokens(samples)
     b, length = batch["input_ids"].shape
     names = [n for n in ("target_hidden", "target_last_hidden", "target_hidden_scale", "target_last_hidden_scale")
@@ -255,7 +255,7 @@ class _EpochLoader(EpochLoader):
 class TargetCacheDataModule(L.LightningDataModule):
     """Stream a target cache (webdataset shards + ``manifest.json``) as training batches.
 
-    Batches follow the contract of DESIGN.md: ``input_ids [B, L] int64``, ``loss_mask``/``attention_mask [B, L]
+    Batches follow the contract of docs/design.md: ``input_ids [B, L] int64``, ``loss_mask``/``attention_mask [B, L]
     bool`` (right padding), ``target_hidden [B, L, m*H]``, ``target_last_hidden [B, L, H]`` (in the training
     dtype), ``anchors``/``anchor_valid [B, N]`` (block drafters), plus ``cache_keys`` (``"<shard>/<key>"``
     per row) and ``cache_skipped`` (corrupt samples skipped while making the batch).

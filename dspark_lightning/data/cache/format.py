@@ -140,7 +140,7 @@ def sample_metadata(data: bytes) -> dict[str, str]:
         (size,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + size])
         return dict(header.get("__metadata__") or {})
-    except Exception:  # noqa: BLE001 - a broken header is reported by decode_sample
+    except Exception:  # a broken header is reported by decode_sample
         return {}
 
 
@@ -187,7 +187,7 @@ def decode_sample(
     """
     try:
         raw = st_load(data)
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+    except Exception as err:  # safetensors raises its own error types
         raise CacheError(f"{where}: not a readable safetensors blob ({type(err).__name__}: {err}).") from None
     fp8 = dtype == "float8_e4m3fn"
     expected = {"input_ids": torch.int32, "loss_mask": torch.uint8}

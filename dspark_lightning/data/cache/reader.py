@@ -178,7 +178,7 @@ def _members(stream: BinaryIO, url: str, skip_log: SkipLog | None) -> Iterator[t
             yield key, member["data"]
     except CacheError:
         raise
-    except Exception as err:  # noqa: BLE001 - tarfile/webdataset raise many types for a broken tar
+    except Exception as err:  # tarfile/webdataset raise many types for a broken tar
         reason = (f"shard {url}: truncated or unreadable tar after key {last!r} "
                   f"({type(err).__name__}: {str(err).split(' @ ')[0]}).")
         if skip_log is None:
