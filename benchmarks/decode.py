@@ -119,6 +119,13 @@ def per_round(out) -> float:
     return decode_seconds(out) / max(out.rounds.round_seconds.numel(), 1)
 
 
+def round_ms(out) -> dict[str, float]:
+    """Per-round time as the engine measured it (CUDA events between graph replays): median, mean, max, in ms; a
+    mean above the median points at occasional slow rounds rather than a slow pass."""
+    t = out.rounds.round_seconds.double() * 1e3
+    return {"median": float(t.median()), "mean": float(t.mean()), "max": float(t.max())} if t.numel() else {}
+
+
 def tau_of(out) -> float:
     return float(out.rounds.num_tokens.double().mean())
 
@@ -279,6 +286,7 @@ def main() -> None:
                                drafter=name, target_tokens_per_second=base_tps, speculative_tokens_per_second=tps,
                                speedup=speedup, c=c, tau=tau,
                                verified_drafts_per_round=float(out.rounds.proposal_length.double().mean()),
+                               round_ms=round_ms(out), target_step_ms=round_ms(base),
                                tokens=[base.num_tokens, out.num_tokens], card=card)
                     rows.append(row)
                     print(f"| {batch} | {temperature:g} | {mode} | {name} | {policy} | {base_tps:.1f} | {tps:.1f} "

@@ -1,4 +1,4 @@
-"""A preallocated target KV cache for fixed-shape decoding (the engine's ``static_shapes`` mode and CUDA graphs).
+"""The target KV cache the engine decodes in: preallocated, written in place (fixed shapes for CUDA graphs).
 
 HF's ``DynamicCache`` concatenates every forward's new keys and values, so each step allocates and the attention
 width grows. Here every layer's keys and values live in one buffer of ``capacity`` slots, allocated at the first

@@ -11,10 +11,10 @@ Definitions (per suite, pooled over every round of every prompt, as DeepSpec's
   offered draft ``i+1`` and accepted the ``i`` before it, i.e. P(draft i+1 accepted | drafts 1..i were).
 * ``verify_rate``: produced tokens / verified tokens (drafts offered + 1 per round).
 * ``mean_proposal``: drafts offered per round.
-* ``draft_ms`` / ``verify_ms``: milliseconds per batch step spent drafting (propose, policy, draft-context
-  update) and verifying (target forward, acceptance).
-* ``tokens_per_second``: tokens kept (after the stop / ``max_new_tokens`` cut) / (draft + verify seconds),
-  i.e. decoding throughput per device, prefill excluded.
+* ``draft_ms`` / ``verify_ms``: milliseconds per batch step spent drafting (propose, policy) and verifying (target
+  forward, acceptance, commit, draft-context update); measured in split rounds only (``time_phases``).
+* ``tokens_per_second``: tokens kept (after the stop / ``max_new_tokens`` cut) / the rounds' seconds (whole rounds,
+  fused or split), i.e. decoding throughput per device, prefill excluded.
 """
 
 from __future__ import annotations
