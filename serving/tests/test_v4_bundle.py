@@ -62,7 +62,7 @@ export = ["export", "--ckpt", str(root / "run" / "checkpoints" / "last.ckpt"), "
           "--attached_layout", "bundled"]
 main([*export, "--target_dir", str(root / "target"), "--out", str(root / "export")])
 try:
-    main([*export, "--target_dir", str(root / "transformers_target"), "--out", str(root / "refused")])
+    main([*export, "--debug", "--target_dir", str(root / "transformers_target"), "--out", str(root / "refused")])
 except ValueError as e:
     (root / "refusal.txt").write_text(str(e))
 print(f"@@@ main-venv build {time.perf_counter() - t:.1f} s", flush=True)
